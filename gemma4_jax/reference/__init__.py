@@ -1,0 +1,1 @@
+"""Float32 oracles, written to be obviously right; kernels are tested against these."""
