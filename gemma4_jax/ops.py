@@ -18,6 +18,8 @@ _ATTENTION = {
     implementations.XLA: attention_xla.attention,
     implementations.REFERENCE: attention_reference.attention,
 }
+# op name -> implementations it has, in order of preference.
+AVAILABLE = {"attention": tuple(_ATTENTION)}
 
 
 def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,

@@ -9,7 +9,8 @@ real Tunix `PeftTrainer` steps; only the sizes are small.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Literal
+import time
+from typing import Callable, Iterable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +19,7 @@ import optax
 import qwix
 from flax import nnx
 from tunix.models.gemma4 import model as gemma4_lib
+from tunix.sft import hooks
 from tunix.sft import peft_trainer
 from tunix.sft import utils as sft_utils
 
@@ -163,6 +165,7 @@ def model_inputs(batch: peft_trainer.TrainingInput) -> dict:
 def make_trainer(model, *, max_steps: int, learning_rate: float = 1e-2,
                  checkpoint_dir: str | None = None,
                  save_interval_steps: int | None = None,
+                 max_inflight_computations: int = 2,
                  ) -> peft_trainer.PeftTrainer:
   """A real `PeftTrainer` (LoRA params only when the model has LoRA)."""
   options = None
@@ -174,7 +177,8 @@ def make_trainer(model, *, max_steps: int, learning_rate: float = 1e-2,
   config = peft_trainer.TrainingConfig(
       eval_every_n_steps=10**9, max_steps=max_steps,
       checkpoint_root_directory=checkpoint_dir,
-      checkpointing_options=options, pbar_description=None)
+      checkpointing_options=options, pbar_description=None,
+      max_inflight_computations=max_inflight_computations)
   trainer = peft_trainer.PeftTrainer(model, optax.adam(learning_rate), config)
   return trainer.with_gen_model_input_fn(model_inputs)
 
@@ -182,17 +186,60 @@ def make_trainer(model, *, max_steps: int, learning_rate: float = 1e-2,
 @dataclasses.dataclass(frozen=True)
 class TrainingRun:
   losses: tuple[float, ...]
+  # Wall time of each step; the first includes compilation.
+  step_seconds: tuple[float, ...]
+
+
+class _StepClock(hooks.TrainingHooks):
+  """Stamps each step start; with one computation in flight, consecutive
+  stamps bracket exactly one step."""
+
+  def __init__(self, on_step: Callable[[int], None] | None):
+    self.stamps: list[float] = []
+    self._on_step = on_step
+
+  def on_train_start(self, train_ctx):
+    del train_ctx
+
+  def on_train_end(self, train_ctx):
+    del train_ctx
+    self.stamps.append(time.perf_counter())
+
+  def on_train_step_start(self, train_ctx):
+    del train_ctx
+    self.stamps.append(time.perf_counter())
+    if self._on_step is not None:
+      self._on_step(len(self.stamps))
+
+  def on_train_step_end(self, train_ctx, train_step, train_loss):
+    del train_ctx, train_step, train_loss
+
+  def on_eval_step_start(self, train_ctx):
+    del train_ctx
+
+  def on_eval_step_end(self, train_ctx, eval_loss):
+    del train_ctx, eval_loss
 
 
 def train(model, batches: Iterable[peft_trainer.TrainingInput], *,
           learning_rate: float = 1e-2,
-          checkpoint_dir: str | None = None) -> TrainingRun:
-  """Runs one `PeftTrainer` step per batch and returns the train losses."""
+          checkpoint_dir: str | None = None,
+          on_step: Callable[[int], None] | None = None) -> TrainingRun:
+  """Runs one `PeftTrainer` step per batch; returns losses and step times.
+
+  `on_step(i)` is called as step i (1-based) starts, for progress display.
+  """
   batches = list(batches)
   trainer = make_trainer(model, max_steps=len(batches),
                          learning_rate=learning_rate,
-                         checkpoint_dir=checkpoint_dir)
+                         checkpoint_dir=checkpoint_dir,
+                         max_inflight_computations=1)
+  clock = _StepClock(on_step)
+  trainer.with_training_hooks(clock)
   trainer.train(batches)
   losses = trainer.metrics_logger.get_metric_history("", "loss", "train")
   trainer.close()
-  return TrainingRun(losses=tuple(float(x) for x in np.asarray(losses)))
+  stamps = clock.stamps
+  return TrainingRun(
+      losses=tuple(float(x) for x in np.asarray(losses)),
+      step_seconds=tuple(b - a for a, b in zip(stamps, stamps[1:])))

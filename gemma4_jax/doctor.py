@@ -1,0 +1,38 @@
+"""`gemma4-jax doctor`: what this machine will run, and why."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+import jax
+
+from gemma4_jax import implementations
+from gemma4_jax import ops
+from gemma4_jax import patches
+
+PACKAGES = ("gemma4-jax", "jax", "jaxlib", "flax", "google-tunix", "qwix",
+            "orbax-checkpoint", "safetensors", "transformers", "peft", "torch")
+
+
+def _version(name: str) -> str:
+  try:
+    return importlib.metadata.version(name)
+  except importlib.metadata.PackageNotFoundError:
+    return "not installed"
+
+
+def main() -> int:
+  print(f"python {platform.python_version()} on {platform.platform()}")
+  print(f"jax backend: {jax.default_backend()}; devices: "
+        f"{', '.join(str(d) for d in jax.devices())}")
+  print("\npackages:")
+  for name in PACKAGES:
+    print(f"  {name:18} {_version(name)}")
+  print("\nops (implementation used by default here):")
+  for op, available in ops.AVAILABLE.items():
+    chosen = implementations.resolve(op, None, available)
+    print(f"  {op:18} {chosen:10} (has: {', '.join(available)})")
+  print("\npatches:")
+  print(patches.status())
+  return 0
