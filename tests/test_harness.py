@@ -1,0 +1,59 @@
+"""The test harness itself: tolerances catch errors, TPU lowering, the mesh."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from gemma4_jax import ops
+from gemma4_jax import testing
+
+
+def test_assert_close_uses_the_dtype_table():
+  ref = np.ones(4, np.float32)
+  testing.assert_close(ref + 9e-6, ref, dtype=jnp.float32)  # 1e-5 + 1e-5*1
+  with pytest.raises(AssertionError, match="outside"):
+    testing.assert_close(ref + 3e-5, ref, dtype=jnp.float32)
+  testing.assert_close(ref + 3e-5, ref, dtype=jnp.float32, grad=True)
+  testing.assert_close(ref + 0.03, ref, dtype=jnp.bfloat16)
+  with pytest.raises(AssertionError, match="outside"):
+    testing.assert_close(ref + 0.05, ref, dtype=jnp.bfloat16)
+  with pytest.raises(AssertionError, match="non-finite"):
+    testing.assert_close(ref * np.nan, ref, dtype=jnp.float32)
+  with pytest.raises(AssertionError, match="shape"):
+    testing.assert_close(ref[:2], ref, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("head_dim, window", [(256, 512), (512, None)])
+def test_attention_lowers_for_tpu_at_e2b_shapes(head_dim, window):
+  # E2B: 8 query heads, 1 KV head; no 1/sqrt(H) scale; 4 x 1024 tokens.
+  q = jax.ShapeDtypeStruct((4, 1024, 8, head_dim), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((4, 1024, 1, head_dim), jnp.bfloat16)
+  mask = jax.ShapeDtypeStruct((4, 1024, 1024), jnp.bool_)
+  exported = testing.lower_for_tpu(
+      lambda q, k, v, m: ops.attention(q, k, v, mask=m, sliding_window=window,
+                                       scale=1.0, implementation="xla"),
+      q, kv, kv, mask)
+  assert exported.platforms == ("tpu",)
+  assert exported.out_avals[0].shape == (4, 1024, 8, head_dim)
+
+
+def test_attention_is_unchanged_by_sharding_over_the_simulated_mesh():
+  mesh = testing.simulated_mesh()
+  rng = np.random.default_rng(0)
+  q = jnp.asarray(rng.normal(size=(4, 24, 4, 32)), jnp.float32)
+  k = jnp.asarray(rng.normal(size=(4, 24, 1, 32)), jnp.float32)
+  v = jnp.asarray(rng.normal(size=(4, 24, 1, 32)), jnp.float32)
+  mask = jnp.asarray(rng.random((4, 24, 24)) > 0.2)
+  run = jax.jit(lambda q, k, v, m: ops.attention(q, k, v, mask=m,
+                                                 sliding_window=8))
+  want = run(q, k, v, mask)
+  # Batch over 'fsdp' and query heads over 'tp', as Tunix's act_btnh does.
+  shard = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+  got = run(shard(q, P("fsdp", None, "tp", None)),
+            shard(k, P("fsdp", None, None, None)),
+            shard(v, P("fsdp", None, None, None)),
+            shard(mask, P("fsdp", None, None)))
+  assert len(got.sharding.device_set) == 4
+  testing.assert_close(got, want, dtype=jnp.float32)
