@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rows per batch (default 4)")
   demo.set_defaults(func=_run_demo)
 
+  from gemma4_jax.export import commands as export_commands  # pylint: disable=g-import-not-at-top
+  export_commands.register(commands)
+
   doctor = commands.add_parser(
       "doctor", help="what runs here: devices, versions, patches, kernels")
   doctor.set_defaults(func=_run_doctor)

@@ -1,0 +1,306 @@
+"""Streaming LoRA merge into a Hugging Face safetensors checkpoint.
+
+The model is never loaded. Every output file's header is computed first;
+each weight an adapter changes is read in row chunks at its header offset,
+merged as `W + scale * B @ A` in float32 and cast back to its dtype; every
+other tensor is copied file-to-file by the kernel. Peak memory is a small
+constant plus the adapter, whatever the size of the model.
+
+Output goes to a hidden sibling directory, is fsynced, verified and renamed
+into place at the end; on any error or interrupt the partial directory is
+removed, so a directory at the output path is always complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import time
+
+import numpy as np
+
+from gemma4_jax.export import adapter as adapter_lib
+from gemma4_jax.export import base as base_lib
+from gemma4_jax.export import safetensors_io
+from gemma4_jax.export import verify
+
+DEFAULT_SHARD_SIZE = "5GB"
+REPORT_NAME = "merge_report.json"
+OUTPUT_METADATA = {"format": "pt"}
+# Free space kept on top of the output size (page cache, filesystem slack).
+DISK_MARGIN_BYTES = 64 << 20
+
+
+class MergeError(RuntimeError):
+  """The merge could not complete; no output directory was created."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeSummary:
+  """What a merge did."""
+  output_dir: str
+  num_tensors: int
+  num_merged: int
+  num_bytes: int
+  seconds: float
+  peak_rss_bytes: int
+  report_path: str | None
+
+  @property
+  def gb_per_s(self) -> float:
+    return self.num_bytes / max(self.seconds, 1e-9) / 1e9
+
+  def __str__(self) -> str:
+    return (f"{self.num_tensors} tensors ({self.num_merged} merged), "
+            f"{self.num_bytes / 1e9:.3f} GB in {self.seconds:.2f} s "
+            f"({self.gb_per_s:.2f} GB/s), peak RSS "
+            f"{self.peak_rss_bytes / 2**20:.0f} MiB -> {self.output_dir}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  name: str  # output name
+  source: safetensors_io.TensorInfo
+  delta: object | None  # mapping.LoraDelta
+
+
+def peak_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def merge(base_dir: str | os.PathLike, adapter, out_dir: str | os.PathLike,
+          *, force: bool = False, shard_size: int | str = DEFAULT_SHARD_SIZE,
+          untie: bool = False, rank: int | None = None,
+          alpha: float | None = None, verify_output: bool = True,
+          progress: bool = True) -> MergeSummary:
+  """Merges a LoRA adapter into a Hugging Face Gemma 4 checkpoint.
+
+  Args:
+    base_dir: Hugging Face safetensors directory (one file or an index).
+    adapter: a Tunix checkpoint or PEFT directory, or an `adapter.Adapter`.
+    out_dir: output directory; must not exist unless `force`.
+    force: replace an existing `out_dir` (only once the new one is complete).
+    shard_size: maximum bytes per output file, e.g. "5GB" or an int.
+    untie: write an adapter on the tied embedding to a new `lm_head.weight`.
+    rank, alpha: LoRA hyper-parameters, checked against the adapter.
+    verify_output: re-read output headers and probe sampled merged weights.
+    progress: show a progress bar on stderr.
+
+  Returns:
+    A `MergeSummary`.
+
+  Raises:
+    ValueError: bad arguments or inputs (message names what and why).
+    FileExistsError: `out_dir` exists and `force` is false.
+    MergeError: writing or verification failed (nothing left at `out_dir`).
+  """
+  start = time.perf_counter()
+  shard_bytes = safetensors_io.parse_size(shard_size)
+  base_dir, out_dir = os.fspath(base_dir), os.path.abspath(os.fspath(out_dir))
+  _check_output_path(base_dir, out_dir, force)
+  base = base_lib.open_base(base_dir)
+  if not isinstance(adapter, adapter_lib.Adapter):
+    adapter = adapter_lib.load_adapter(adapter, rank=rank, alpha=alpha)
+  elif rank is not None and rank != adapter.rank:
+    raise adapter_lib.AdapterError(
+        f"rank: given {rank}, the adapter has rank {adapter.rank}")
+  placed = base_lib.place_deltas(base, adapter.deltas, untie=untie)
+
+  entries = _plan_entries(base, placed)
+  shards = safetensors_io.plan_shards([e.source.nbytes for e in entries],
+                                      shard_bytes)
+  files = safetensors_io.shard_file_names(len(shards))
+  headers = [safetensors_io.encode_header(
+      [(entries[i].name, entries[i].source.dtype, entries[i].source.shape)
+       for i in shard], OUTPUT_METADATA) for shard in shards]
+  total = sum(e.source.nbytes for e in entries) + sum(map(len, headers))
+  _check_free_space(out_dir, total)
+
+  tmp_dir = os.path.join(os.path.dirname(out_dir),
+                         f".{os.path.basename(out_dir)}.partial-{os.getpid()}")
+  os.makedirs(tmp_dir)
+  try:
+    stats = _write_shards(tmp_dir, files, headers, shards, entries, total,
+                          progress)
+    safetensors_io.write_index(
+        tmp_dir, {entries[i].name: files[k] for k, shard in enumerate(shards)
+                  for i in shard}, sum(e.source.nbytes for e in entries))
+    _copy_side_files(base, tmp_dir, untie_written="lm_head.weight" in placed
+                     and "lm_head.weight" not in base.tensors)
+    report = {
+        "base": os.path.abspath(base_dir), "adapter": adapter.source,
+        "layout": adapter.layout, "rank": adapter.rank, "alpha": adapter.alpha,
+        "scale": adapter.scale, "untie": untie,
+        "num_input_tensors": len(base.tensors), "num_output_tensors":
+        len(entries), "num_adapter_tensors": adapter.num_source_tensors,
+        "merged": {name: {"source": placed[name].source, **s.as_dict()}
+                   for name, s in stats.items()},
+    }
+    if verify_output:
+      report["verification"] = _verify(tmp_dir, entries, placed)
+    with open(os.path.join(tmp_dir, REPORT_NAME), "w") as f:
+      json.dump(report, f, indent=2)
+      f.flush()
+      os.fsync(f.fileno())
+    _fsync_dir(tmp_dir)
+    _move_into_place(tmp_dir, out_dir)
+  except BaseException as e:
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    if isinstance(e, OSError):
+      raise MergeError(
+          f"writing the merged checkpoint failed: {e}; removed the partial "
+          f"output, nothing was written to {out_dir}") from e
+    if isinstance(e, verify.VerificationError):
+      raise MergeError(f"verification failed: {e}; removed the partial "
+                       f"output") from e
+    raise
+  return MergeSummary(out_dir, len(entries), len(placed), total,
+                      time.perf_counter() - start, peak_rss_bytes(),
+                      os.path.join(out_dir, REPORT_NAME))
+
+
+def _check_output_path(base_dir: str, out_dir: str, force: bool) -> None:
+  real_base, real_out = os.path.realpath(base_dir), os.path.realpath(out_dir)
+  if real_out == real_base or real_base.startswith(real_out + os.sep):
+    raise ValueError(f"out: {out_dir!r} would overwrite the base checkpoint "
+                     f"{base_dir!r}")
+  if os.path.exists(out_dir) and not force:
+    raise FileExistsError(
+        f"out: {out_dir!r} already exists; pass --force to replace it")
+  parent = os.path.dirname(out_dir)
+  if not os.path.isdir(parent):
+    raise ValueError(f"out: parent directory {parent!r} does not exist")
+
+
+def _check_free_space(out_dir: str, needed: int) -> None:
+  free = shutil.disk_usage(os.path.dirname(out_dir)).free
+  if free < needed + DISK_MARGIN_BYTES:
+    raise MergeError(
+        f"not enough free disk space for {out_dir}: need "
+        f"{(needed + DISK_MARGIN_BYTES) / 1e9:.2f} GB, "
+        f"{free / 1e9:.2f} GB free")
+
+
+def _plan_entries(base, placed) -> list[_Entry]:
+  """Output tensors in on-disk order of the inputs (sequential reads)."""
+  infos = sorted(base.tensors.values(), key=lambda t: (t.path, t.offset))
+  entries = [_Entry(t.name, t, placed.get(t.name)) for t in infos]
+  if "lm_head.weight" in placed and "lm_head.weight" not in base.tensors:
+    embed = base.tensors[base.weight_name("embed_tokens")]
+    entries.append(_Entry("lm_head.weight", embed, placed["lm_head.weight"]))
+  return entries
+
+
+def _write_shards(tmp_dir, files, headers, shards, entries, total, progress):
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  stats: dict[str, verify.TensorStats] = {}
+  source_fds: dict[str, int] = {}
+  bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+             desc="merge", disable=not progress, dynamic_ncols=True)
+  try:
+    for file, header, shard in zip(files, headers, shards):
+      path = os.path.join(tmp_dir, file)
+      fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+      try:
+        safetensors_io.write_all(fd, header)
+        bar.update(len(header))
+        for i in shard:
+          entry = entries[i]
+          if entry.delta is None:
+            src = source_fds.get(entry.source.path)
+            if src is None:
+              src = source_fds[entry.source.path] = os.open(
+                  entry.source.path, os.O_RDONLY)
+            safetensors_io.copy_range(src, entry.source.offset, fd,
+                                      entry.source.nbytes,
+                                      on_progress=bar.update)
+          else:
+            stats[entry.name] = _write_merged(fd, entry, bar)
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+  finally:
+    bar.close()
+    for src in source_fds.values():
+      os.close(src)
+  return stats
+
+
+def _write_merged(fd: int, entry: _Entry, bar) -> verify.TensorStats:
+  info, delta = entry.source, entry.delta
+  rows, cols = info.shape
+  stats = verify.TensorStats()
+  for chunk in verify.row_chunks(rows, cols):
+    w = safetensors_io.read_tensor(info, chunk).astype(np.float32)
+    merged = w + np.float32(delta.scale) * (delta.lora_b[chunk] @ delta.lora_a)
+    if not np.all(np.isfinite(merged)):
+      raise MergeError(
+          f"merged {entry.name} has non-finite values (rows {chunk.start}:"
+          f"{chunk.stop}); the adapter or base weight is corrupt")
+    stored = merged.astype(info.numpy_dtype)
+    if not np.all(np.isfinite(stored)):
+      raise MergeError(f"merged {entry.name} overflows {info.dtype}")
+    stats.update(w, stored.astype(np.float32))
+    safetensors_io.write_all(fd, stored.reshape(-1).view(np.uint8))
+    bar.update(stored.nbytes)
+  return stats
+
+
+def _copy_side_files(base, tmp_dir: str, *, untie_written: bool) -> None:
+  """config, tokenizer and other small files; the config edited for untie."""
+  for name in sorted(os.listdir(base.directory)):
+    src = os.path.join(base.directory, name)
+    if (not os.path.isfile(src) or name.endswith(".safetensors") or
+        name in (safetensors_io.INDEX_NAME, REPORT_NAME)):
+      continue
+    dst = os.path.join(tmp_dir, name)
+    if name == base_lib.CONFIG_NAME and untie_written:
+      config = json.loads(json.dumps(base.config))
+      config["tie_word_embeddings"] = False
+      if isinstance(config.get("text_config"), dict):
+        config["text_config"]["tie_word_embeddings"] = False
+      with open(dst, "w") as f:
+        json.dump(config, f, indent=2)
+    else:
+      shutil.copyfile(src, dst)
+    with open(dst, "rb+") as f:
+      os.fsync(f.fileno())
+
+
+def _verify(tmp_dir: str, entries, placed) -> dict:
+  expected = {e.name: (e.source.dtype, e.source.shape) for e in entries}
+  count = verify.check_structure(tmp_dir, expected)
+  out = safetensors_io.load_checkpoint_index(tmp_dir)
+  sources = {e.name: e.source for e in entries}
+  merged_names = [e.name for e in entries if e.delta is not None]
+  probes = [verify.probe(out[name], sources[name], placed[name])
+            for name in verify.sample_for_probe(merged_names)]
+  return {"num_tensors": count, "shapes_match": True, "finite": True,
+          "probes": probes}
+
+
+def _fsync_dir(path: str) -> None:
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def _move_into_place(tmp_dir: str, out_dir: str) -> None:
+  old = None
+  if os.path.exists(out_dir):
+    old = os.path.join(os.path.dirname(out_dir),
+                       f".{os.path.basename(out_dir)}.old-{os.getpid()}")
+    os.rename(out_dir, old)
+  os.rename(tmp_dir, out_dir)
+  _fsync_dir(os.path.dirname(out_dir))
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+__all__ = ["DEFAULT_SHARD_SIZE", "MergeError", "MergeSummary", "merge",
+           "peak_rss_bytes"]
