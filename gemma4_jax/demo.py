@@ -95,7 +95,7 @@ def main(*, steps: int = 8, seq_len: int = 64, batch_size: int = 4) -> int:
   with patches.applied() as report:
     patched, patched_temp = _run(
         "patched (gemma4_jax.patches: "
-        f"{', '.join(report.patched_names()) or 'nothing'})",
+        f"{', '.join(report.patched) or 'nothing'})",
         batches, steps)
 
   _say("")

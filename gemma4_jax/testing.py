@@ -67,7 +67,8 @@ def lower_for_tpu(fn, *args, **kwargs) -> jax.export.Exported:
 
 
 def simulated_mesh(shape=(2, 2), axis_names=("fsdp", "tp")) -> jax.sharding.Mesh:
-  """A `('fsdp','tp')` mesh over CPU devices, like Tunix's.
+  """A `('fsdp','tp')` mesh over CPU devices, like Tunix's (Auto axes: with
+  jax 0.10's default Explicit axes Tunix 0.1.7's embedding lookup fails).
 
   Needs `XLA_FLAGS=--xla_force_host_platform_device_count=N` set before JAX
   initializes its backend (tests/conftest.py does so for N=4).
@@ -79,4 +80,5 @@ def simulated_mesh(shape=(2, 2), axis_names=("fsdp", "tp")) -> jax.sharding.Mesh
         f"a {shape} mesh needs {needed} devices, JAX sees {len(devices)}; set "
         "XLA_FLAGS=--xla_force_host_platform_device_count="
         f"{needed} before importing jax")
-  return jax.make_mesh(shape, axis_names, devices=devices[:needed])
+  return jax.make_mesh(shape, axis_names, devices=devices[:needed],
+                       axis_types=(jax.sharding.AxisType.Auto,) * len(shape))

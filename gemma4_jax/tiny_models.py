@@ -107,8 +107,9 @@ def apply_lora(model: gemma4_lib.Gemma4, *, rank: int = 4,
   """
   provider = qwix.LoraProvider(module_path=module_path, rank=rank,
                                alpha=alpha)
-  lora_model = qwix.apply_lora_to_model(model, provider,
-                                        **model.get_model_input())
+  lora_model = qwix.apply_lora_to_model(
+      model, provider, rngs=nnx.Rngs(0 if seed is None else seed),
+      **model.get_model_input())
   if seed is not None:
     state = nnx.state(lora_model, nnx.LoRAParam)
     paths_leaves, treedef = jax.tree_util.tree_flatten_with_path(state)

@@ -1,0 +1,330 @@
+"""Patch machinery: targets, checks, install/restore under a lock, reports.
+
+A `Target` names one attribute to replace (`module:Owner.attribute`), the
+distribution that ships it, the versions known to work and the
+`Requirement`s its replacement relies on. `check` verifies a target against
+what is installed without changing anything; `install` makes the set of
+active patches exactly a given plan, all-or-nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+from importlib import metadata
+import inspect
+import threading
+from typing import Callable
+import warnings
+
+PATCHED = "patched"
+SKIPPED = "skipped"
+NOT_AVAILABLE = "not available"
+
+LOCK = threading.Lock()
+
+
+class TargetChangedError(RuntimeError):
+  """The installed library no longer has what a patch relies on."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Requirement:
+  """Something a replacement relies on in the target library.
+
+  Attributes:
+    module: the module to look in.
+    attribute: dotted path inside `module` ("Attention.block"); a dataclass
+      field counts as present.
+    parameters: if set, the exact parameter names of its signature.
+    names: if set, names its code must use (`co_names`): how attributes that
+      `__init__` stores on `self` are checked without building an instance.
+  """
+  module: str
+  attribute: str
+  parameters: tuple[str, ...] | None = None
+  names: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """One attribute to replace, as found in the installed library.
+
+  Attributes:
+    feature: the `apply()` flag that enables it ("attention").
+    module: the module holding the owner ("tunix.models.gemma4.model").
+    attribute: "Owner.name" or "name" inside `module`.
+    distribution: the PyPI distribution shipping `module`.
+    known_versions: versions of `distribution` tested with this target.
+    known_to_work: for error messages, every version/layout the feature
+      supports ("google-tunix 0.1.7 (tunix.models.gemma4.model)").
+    requirements: what `make_replacement` relies on.
+    make_replacement: `(original, implementation) -> replacement`.
+  """
+  feature: str
+  module: str
+  attribute: str
+  distribution: str
+  known_versions: tuple[str, ...]
+  known_to_work: str
+  requirements: tuple[Requirement, ...]
+  make_replacement: Callable[[Callable, str | None], Callable]
+
+  @property
+  def name(self) -> str:
+    return f"{self.module}:{self.attribute}"
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetReport:
+  """What `apply()` did with one feature.
+
+  `state` is "patched", "skipped" (its flag was False) or "not available"
+  (gemma4_jax has no patch for it yet); `target` is None in the last case.
+  """
+  feature: str
+  target: str | None
+  state: str
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchReport:
+  """The result of `apply()`.
+
+  Attributes:
+    targets: one entry per feature flag, in flag order.
+    implementation: the `implementation` passed to `apply()`.
+    resolved_implementation: what `gemma4_jax.ops.attention` runs with here
+      for that choice (None resolves per call: Pallas on TPU, XLA elsewhere).
+    tunix_version, qwix_version: installed versions (None if not installed).
+  """
+  targets: tuple[TargetReport, ...]
+  implementation: str | None
+  resolved_implementation: str
+  tunix_version: str | None
+  qwix_version: str | None
+
+  @property
+  def patched(self) -> tuple[str, ...]:
+    """Names (`module:attribute`) of the patched targets."""
+    return tuple(t.target for t in self.targets if t.state == PATCHED)
+
+  def __str__(self) -> str:
+    lines = [f"gemma4_jax.patches (google-tunix {self.tunix_version}, qwix "
+             f"{self.qwix_version}, implementation {self.implementation!r} "
+             f"-> {self.resolved_implementation!r}):"]
+    for t in self.targets:
+      lines.append(f"  {t.feature:<10} {t.state:<14} {t.target or '-'}"
+                   f"{'  (' + t.reason + ')' if t.reason else ''}")
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetStatus:
+  """Whether one feature can be patched here and whether it is.
+
+  Attributes:
+    feature: the `apply()` flag.
+    target: `module:attribute`, or None when no patch exists or no known
+      layout of the library was found.
+    available: `apply()` would patch it here (its checks pass).
+    patched: it is patched now.
+    version: installed version of the target's distribution.
+    version_known: that version is one the patch was tested with.
+    reason: why it is not available, or a note on the version.
+  """
+  feature: str
+  target: str | None
+  available: bool
+  patched: bool
+  version: str | None
+  version_known: bool
+  reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Status:
+  """The result of `status()`: per feature, plus what is active.
+
+  `implementation` is the one passed to the `apply()` now in effect (None
+  when nothing is patched or the default was asked for).
+  """
+  targets: tuple[TargetStatus, ...]
+  implementation: str | None
+  tunix_version: str | None
+  qwix_version: str | None
+
+  def __str__(self) -> str:
+    lines = [f"gemma4_jax.patches: google-tunix {self.tunix_version}, qwix "
+             f"{self.qwix_version}"]
+    for t in self.targets:
+      state = ("patched" if t.patched else
+               "can patch" if t.available else "cannot patch")
+      version = "" if t.version_known or not t.available else (
+          " [untested version]")
+      lines.append(f"  {t.feature:<10} {state:<12} {t.target or '-'}"
+                   f"{version}{'  (' + t.reason + ')' if t.reason else ''}")
+    return "\n".join(lines)
+
+
+def installed_version(distribution: str) -> str | None:
+  try:
+    return metadata.version(distribution)
+  except metadata.PackageNotFoundError:
+    return None
+
+
+def check(target: Target, *, warn: bool = True) -> bool:
+  """Checks `target` against the installed library; changes nothing.
+
+  Returns:
+    Whether the installed version is one of `target.known_versions`. An
+    unknown version whose requirements all hold is patched, with a
+    `UserWarning` when `warn`.
+
+  Raises:
+    TargetChangedError: naming every missing or changed attribute and the
+      versions known to work.
+  """
+  problems = [p for p in map(_problem, target.requirements) if p]
+  version = installed_version(target.distribution)
+  if problems:
+    raise TargetChangedError(
+        f"gemma4_jax.patches cannot patch {target.feature} ({target.name}) "
+        f"on {target.distribution} {version}: " + "; ".join(problems) +
+        f". Known to work: {target.known_to_work}. Nothing was patched.")
+  known = version in target.known_versions
+  if not known and warn:
+    warnings.warn(
+        f"gemma4_jax.patches: {target.distribution} {version} is not among "
+        f"the versions {target.feature} was tested with ("
+        f"{target.known_to_work}); its attributes and signatures match, so "
+        f"{target.name} is patched anyway", UserWarning, stacklevel=3)
+  return known
+
+
+def _problem(requirement: Requirement) -> str | None:
+  """Describes what is wrong with `requirement` here, or None."""
+  try:
+    obj = importlib.import_module(requirement.module)
+  except ImportError as e:
+    return f"module {requirement.module} cannot be imported ({e})"
+  parts = requirement.attribute.split(".")
+  for depth, part in enumerate(parts):
+    if hasattr(obj, part):
+      obj = getattr(obj, part)
+      continue
+    last = depth == len(parts) - 1
+    if (last and dataclasses.is_dataclass(obj) and
+        part in {f.name for f in dataclasses.fields(obj)}):
+      return None
+    return (f"{requirement.module}.{'.'.join(parts[:depth + 1])} is missing")
+  where = f"{requirement.module}.{requirement.attribute}"
+  if requirement.parameters is not None:
+    try:
+      parameters = tuple(inspect.signature(obj).parameters)
+    except (TypeError, ValueError):
+      return f"{where} has no inspectable signature"
+    if parameters != requirement.parameters:
+      return (f"{where} takes ({', '.join(parameters)}), expected "
+              f"({', '.join(requirement.parameters)})")
+  if requirement.names:
+    used = set(getattr(getattr(obj, "__code__", None), "co_names", ()))
+    missing = [n for n in requirement.names if n not in used]
+    if missing:
+      return f"{where} no longer uses {', '.join(missing)}"
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Active:
+  target: Target
+  owner: object
+  name: str
+  original: object
+  had_own: bool  # the owner defined the attribute itself (not inherited)
+  replacement: Callable
+  implementation: str | None
+
+
+# target name -> the patch in place. Guarded by LOCK.
+_ACTIVE: dict[str, _Active] = {}
+
+
+def active() -> tuple[_Active, ...]:
+  """The patches in place (call with LOCK held)."""
+  return tuple(a for a in _ACTIVE.values() if _in_place(a))
+
+
+def _in_place(entry: _Active) -> bool:
+  return vars(entry.owner).get(entry.name) is entry.replacement
+
+
+def _locate(target: Target) -> tuple[object, str]:
+  owner = importlib.import_module(target.module)
+  *path, name = target.attribute.split(".")
+  for part in path:
+    owner = getattr(owner, part)
+  return owner, name
+
+
+def install(targets: tuple[Target, ...], implementation: str | None) -> None:
+  """Makes the active patches exactly `targets` (call with LOCK held).
+
+  Already in place with the same implementation: nothing changes. Otherwise
+  every active patch is restored and each target patched in turn; if any step
+  fails, the state from before the call is put back and the error re-raised.
+  """
+  current = active()
+  if ({a.target.name for a in current} == {t.name for t in targets} and
+      all(a.implementation == implementation for a in current) and
+      len(current) == len(_ACTIVE)):
+    return
+  try:
+    restore_all()
+    for target in targets:
+      owner, name = _locate(target)
+      had_own = name in vars(owner)
+      original = vars(owner)[name] if had_own else getattr(owner, name)
+      replacement = target.make_replacement(original, implementation)
+      setattr(owner, name, replacement)
+      _ACTIVE[target.name] = _Active(target, owner, name, original, had_own,
+                                     replacement, implementation)
+  except BaseException:
+    reinstate(current)
+    raise
+
+
+def reinstate(entries: tuple[_Active, ...]) -> None:
+  """Puts back exactly `entries` from `active()` (call with LOCK held)."""
+  restore_all()
+  for entry in entries:
+    setattr(entry.owner, entry.name, entry.replacement)
+    _ACTIVE[entry.target.name] = entry
+
+
+def restore_all() -> tuple[str, ...]:
+  """Puts every original back (call with LOCK held); returns target names.
+
+  An attribute someone else replaced after us is left to them.
+  """
+  restored = []
+  for key, entry in reversed(tuple(_ACTIVE.items())):
+    if _in_place(entry):
+      if entry.had_own:
+        setattr(entry.owner, entry.name, entry.original)
+      else:
+        delattr(entry.owner, entry.name)
+      restored.append(key)
+    del _ACTIVE[key]
+  return tuple(restored)
+
+
+def wraps(original: Callable, replacement: Callable, *, note: str) -> Callable:
+  """Gives `replacement` the name and `__wrapped__` of `original`."""
+  functools.update_wrapper(replacement, original)
+  replacement.__doc__ = (f"{note}\n\nReplaces {original.__module__}."
+                         f"{original.__qualname__}.")
+  return replacement

@@ -1,0 +1,261 @@
+"""Tunix Gemma 4 attention through `gemma4_jax.ops.attention`.
+
+Replaces `Attention.block`. Prefill and the no-cache path (every training
+step) compute attention with `ops.attention(..., scale=1.0)`; decode steps
+(one token with a KV cache or a shared KV cache) run Tunix's own block.
+Everything around the attention (projections, QK and V norms, RoPE, the cache
+update, the output projection, the sharding constraints) is Tunix's code,
+restated here because Tunix's block is a single function; the tests check it
+against the original numerically.
+
+What changes against Tunix:
+- the mask may have rank 2, 3 or 4 (Tunix's `expand_dims(attn_mask, -2)`
+  breaks on rank 4);
+- `use_flash_attention=True` honours the mask (Tunix's splash path attends
+  padding) and takes any sequence length (splash needs multiples of 1024);
+- a query with no visible key (left padding) gives 0 instead of the mean of
+  all values.
+
+Two layouts are supported, told apart by which module exists: google-tunix
+0.1.7 (`tunix.models.gemma4.model`) and Tunix main, whose attention lives in
+`tunix.models.gemma4.attention` and whose `block` also takes `segment_ids`.
+Given `segment_ids`, a query sees only keys of its own segment, as in Tunix
+main's flash path (its dense path ignores them). Tunix main cannot be
+installed from PyPI; its layout was read at commit c7d8950 and is checked
+structurally, not run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from gemma4_jax import masks
+from gemma4_jax import ops
+from gemma4_jax.patches import _framework
+
+FEATURE = "attention"
+DISTRIBUTION = "google-tunix"
+_BLOCK_PARAMETERS = ("self", "x", "segment_pos", "cache", "attn_mask",
+                     "kv_shared_cache")
+# What the restated block reads from `self`, all stored by Attention.__init__.
+_INSTANCE_ATTRIBUTES = (
+    "config", "attn_type", "q_einsum", "kv_einsum", "k_einsum",
+    "attn_vec_einsum", "_query_norm", "_key_norm", "rope_base_frequency",
+    "rope_scale_factor", "rope_proportion")
+_CONFIG_FIELDS = ("dtype", "shd_config", "sliding_window_size",
+                  "use_sliding_window_kv_cache")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where one Tunix version keeps Gemma 4 attention."""
+  module: str
+  config_module: str
+  takes_segment_ids: bool
+  known_versions: tuple[str, ...]
+  description: str
+
+
+LAYOUTS = (
+    Layout(module="tunix.models.gemma4.attention",
+           config_module="tunix.models.gemma4.config",
+           takes_segment_ids=True, known_versions=(),
+           description="Tunix main (split attention.py), checked "
+           "structurally only"),
+    Layout(module="tunix.models.gemma4.model",
+           config_module="tunix.models.gemma4.model",
+           takes_segment_ids=False, known_versions=("0.1.7",),
+           description="google-tunix 0.1.7 (tunix.models.gemma4.model)"),
+)
+KNOWN_TO_WORK = "; ".join(
+    f"{DISTRIBUTION} {', '.join(layout.known_versions)} ({layout.module})"
+    for layout in LAYOUTS if layout.known_versions)
+
+
+def detect_layout() -> Layout:
+  """The first of `LAYOUTS` whose module exists here.
+
+  Raises:
+    TargetChangedError: Tunix is not installed or has neither module.
+  """
+  for layout in LAYOUTS:
+    try:
+      if importlib.util.find_spec(layout.module) is not None:
+        return layout
+    except ImportError:  # a parent package is missing
+      continue
+  raise _framework.TargetChangedError(
+      f"gemma4_jax.patches cannot patch {FEATURE}: none of "
+      f"{', '.join(layout.module for layout in LAYOUTS)} can be imported "
+      f"({DISTRIBUTION} {_framework.installed_version(DISTRIBUTION)}). Known "
+      f"to work: {KNOWN_TO_WORK}. Nothing was patched.")
+
+
+def target() -> _framework.Target:
+  """The `Attention.block` target for the installed Tunix layout."""
+  layout = detect_layout()
+  block_parameters = _BLOCK_PARAMETERS + (
+      ("segment_ids",) if layout.takes_segment_ids else ())
+  requirements = (
+      _framework.Requirement(layout.module, "Attention.block",
+                             parameters=block_parameters),
+      _framework.Requirement(layout.module, "Attention.__init__",
+                             names=_INSTANCE_ATTRIBUTES),
+      _framework.Requirement(
+          layout.module, "apply_rope",
+          parameters=("inputs", "positions", "base_frequency",
+                      "scale_factor", "rope_proportion")),
+      _framework.Requirement(layout.module, "shard",
+                             parameters=("x", "s", "eager")),
+      _framework.Requirement(layout.module, "AttentionType.LOCAL_SLIDING"),
+      *(_framework.Requirement(layout.config_module, f"ModelConfig.{field}")
+        for field in _CONFIG_FIELDS),
+      *(_framework.Requirement(layout.config_module, f"ShardingConfig.{field}")
+        for field in ("act_btnh", "act_btd")),
+  )
+
+  def make_replacement(original, implementation):
+    return _make_block(original, importlib.import_module(layout.module),
+                       implementation,
+                       takes_segment_ids=layout.takes_segment_ids)
+
+  return _framework.Target(
+      feature=FEATURE, module=layout.module, attribute="Attention.block",
+      distribution=DISTRIBUTION, known_versions=layout.known_versions,
+      known_to_work=KNOWN_TO_WORK, requirements=requirements,
+      make_replacement=make_replacement)
+
+
+def _make_block(original: Callable, module, implementation: str | None, *,
+                takes_segment_ids: bool) -> Callable:
+  """`Attention.block` with the same parameters as `original`."""
+  tunix = _TunixFunctions(apply_rope=module.apply_rope, shard=module.shard,
+                          local=module.AttentionType.LOCAL_SLIDING)
+
+  def is_decode(x, cache, kv_shared_cache):
+    return x.shape[1] == 1 and (cache is not None or
+                                kv_shared_cache is not None)
+
+  if takes_segment_ids:
+    def block(self, x, segment_pos, cache, attn_mask, kv_shared_cache=None,
+              segment_ids=None):
+      if is_decode(x, cache, kv_shared_cache):
+        return original(self, x, segment_pos, cache, attn_mask,
+                        kv_shared_cache=kv_shared_cache,
+                        segment_ids=segment_ids)
+      return _block(self, x, segment_pos, cache, attn_mask, kv_shared_cache,
+                    segment_ids, tunix=tunix, implementation=implementation)
+  else:
+    def block(self, x, segment_pos, cache, attn_mask, kv_shared_cache=None):
+      if is_decode(x, cache, kv_shared_cache):
+        return original(self, x, segment_pos, cache, attn_mask,
+                        kv_shared_cache=kv_shared_cache)
+      return _block(self, x, segment_pos, cache, attn_mask, kv_shared_cache,
+                    None, tunix=tunix, implementation=implementation)
+
+  return _framework.wraps(
+      original, block,
+      note="Tunix Gemma 4 attention block, patched by gemma4_jax.patches: "
+      "prefill and no-cache attention run gemma4_jax.ops.attention.")
+
+
+@dataclasses.dataclass(frozen=True)
+class _TunixFunctions:
+  apply_rope: Callable
+  shard: Callable
+  local: object  # AttentionType.LOCAL_SLIDING
+
+
+def _block(self, x, segment_pos, cache, attn_mask, kv_shared_cache,
+           segment_ids, *, tunix: _TunixFunctions, implementation):
+  """Tunix's block with attention from `ops.attention` (not for decode)."""
+  config = self.config
+  act_btnh = config.shd_config.act_btnh
+
+  def rope(proj):
+    return tunix.apply_rope(proj, segment_pos,
+                            base_frequency=self.rope_base_frequency,
+                            scale_factor=self.rope_scale_factor,
+                            rope_proportion=self.rope_proportion)
+
+  x = x.astype(config.dtype)
+  query = rope(self._query_norm(tunix.shard(self.q_einsum(x), act_btnh)))
+  if kv_shared_cache is not None:
+    if cache is not None:
+      raise ValueError("Attention.block: pass cache or kv_shared_cache, not "
+                       "both")
+    key, value = kv_shared_cache["k"], kv_shared_cache["v"]
+  else:
+    if hasattr(self, "k_einsum"):  # k_eq_v
+      key = value = self.k_einsum(x)
+    else:
+      key, value = self.kv_einsum(x)
+    key = tunix.shard(key, act_btnh)
+    value = tunix.shard(value, act_btnh)
+    value = value * jax.lax.rsqrt(
+        jnp.mean(jnp.square(value), axis=-1, keepdims=True) + 1e-06)
+    key = rope(self._key_norm(key))
+
+  if cache is None:
+    new_cache = {"v": value, "k": key}
+  else:
+    new_cache = _prefill_cache(cache, key, value,
+                               config.use_sliding_window_kv_cache)
+
+  encoded = _attention(self, query, key, value, attn_mask, segment_ids,
+                       local=tunix.local, implementation=implementation)
+  output = tunix.shard(self.attn_vec_einsum(encoded), config.shd_config.act_btd)
+  return new_cache, output, (key, value)
+
+
+def _prefill_cache(cache, key, value, sliding_window_kv_cache: bool):
+  seq_len, cache_len = key.shape[1], cache["v"].shape[1]
+  if sliding_window_kv_cache:
+    # A ring buffer of the last cache_len positions; no chunked prefill.
+    valid_len = min(seq_len, cache_len)
+    indices = jnp.arange(seq_len - valid_len, seq_len) % cache_len
+    cache_v = cache["v"].at[:, indices, ...].set(value[:, -valid_len:, ...])
+    cache_k = cache["k"].at[:, indices, ...].set(key[:, -valid_len:, ...])
+  else:
+    cache_v = cache["v"].at[:, :seq_len, ...].set(value)
+    cache_k = cache["k"].at[:, :seq_len, ...].set(key)
+  return {"v": cache_v, "k": cache_k,
+          "end_index": cache["end_index"] + seq_len}
+
+
+def _attention(self, query, key, value, attn_mask, segment_ids, *, local,
+               implementation):
+  """Tunix's prefill masking, any mask rank, through `ops.attention`."""
+  if attn_mask is None:
+    raise ValueError("Attention.block: attn_mask is required (a boolean "
+                     "[T,S], [B,T,S], [B,1,T,S] or [B,N,T,S] mask)")
+  batch, seq_len, num_heads, _ = query.shape
+  kv_len = key.shape[1]
+  mask = jnp.asarray(attn_mask)
+  if mask.dtype != jnp.bool_:
+    mask = mask != 0  # Tunix attends wherever the mask is nonzero
+  mask = masks.canonical_mask(mask[..., :seq_len], batch=batch,
+                              num_heads=num_heads, q_len=seq_len,
+                              kv_len=kv_len)
+  window = None
+  if self.attn_type == local:
+    window = self.config.sliding_window_size
+    if window is None:
+      raise ValueError("Attention.block: a LOCAL_SLIDING layer needs "
+                       "config.sliding_window_size, got None")
+    # Tunix's prefill band is two-sided, |i - j| < W; ops' window is the
+    # lower side j > i - W, so the upper side goes into the mask.
+    mask = mask & (jnp.arange(kv_len)[None, :] <
+                   jnp.arange(seq_len)[:, None] + window)
+  dtype = jnp.result_type(query, key, value)
+  return ops.attention(
+      query.astype(dtype), key.astype(dtype), value.astype(dtype), mask=mask,
+      segment_ids=segment_ids, causal=False, sliding_window=window,
+      scale=1.0,  # queries and keys are RMS-normed; Gemma 4 has no 1/sqrt(H)
+      implementation=implementation)

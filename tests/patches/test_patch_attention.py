@@ -1,0 +1,330 @@
+"""The Tunix Gemma 4 attention patch on real tiny Tunix models.
+
+Patched and unpatched runs of the same model are compared. Tunix gives a
+fully masked query row (left padding) the mean of all values where the patch
+gives 0, so logits are compared on rows that see at least one key, and the
+patched fully masked rows are checked to be finite.
+
+jit caches a trace per function, not per patch state: every jitted function
+here is only ever called in one state.
+"""
+
+import contextlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from tunix.generate import utils as generate_utils
+from tunix.models.gemma4 import model as gemma4_lib
+from tunix.sft import peft_trainer
+from tunix.sft import utils as sft_utils
+
+import gemma4_jax.patches as patches
+from gemma4_jax import testing
+from gemma4_jax import tiny_models
+
+pytestmark = pytest.mark.slow
+
+VOCAB = 256
+WINDOW = 8
+# Tunix's default SFT loss (what PeftTrainer uses when given none).
+sft_loss = peft_trainer._default_loss_fn  # pylint: disable=protected-access
+
+
+@pytest.fixture(autouse=True)
+def _unpatched_between_tests():
+  patches.revert()
+  yield
+  patches.revert()
+
+
+@pytest.fixture(scope="module")
+def config():
+  return tiny_models.tiny_config(vocab_size=VOCAB, sliding_window=WINDOW)
+
+
+@pytest.fixture(scope="module")
+def model(config):
+  return tiny_models.build_model(config, seed=0)
+
+
+@pytest.fixture(scope="module")
+def lora_model(model):
+  return tiny_models.apply_lora(nnx.merge(*nnx.split(model)), seed=1)
+
+
+@pytest.fixture(scope="module")
+def flash_model(model):
+  """`model`'s weights under `use_flash_attention=True`."""
+  flash_config = tiny_models.tiny_config(vocab_size=VOCAB,
+                                         sliding_window=WINDOW,
+                                         use_flash_attention=True)
+  abstract = nnx.eval_shape(
+      lambda: gemma4_lib.Gemma4(flash_config, rngs=nnx.Rngs(0)))
+  graphdef, _ = nnx.split(abstract)
+  return nnx.merge(graphdef, nnx.state(model))
+
+
+def _jitted_forward():
+  @nnx.jit
+  def forward(model, tokens, positions, mask):
+    return model(tokens, positions, None, mask)[0]
+  return forward
+
+
+@pytest.fixture(scope="module")
+def forward():
+  """`forward(model, inputs, patched=..., mask=None)` -> logits, jitted."""
+  fns = {False: _jitted_forward(), True: _jitted_forward()}
+
+  def run(model, inputs, *, patched, mask=None):
+    mask = inputs["attention_mask"] if mask is None else mask
+    with patches.applied() if patched else contextlib.nullcontext():
+      return fns[patched](model, inputs["input_tokens"], inputs["positions"],
+                          mask)
+  return run
+
+
+def _inputs(padding, *, batch_size=4, seq_len=24, seed=0):
+  batch = tiny_models.synthetic_batches(
+      1, batch_size=batch_size, seq_len=seq_len, vocab_size=VOCAB,
+      padding=padding, seed=seed)[0]
+  return tiny_models.model_inputs(batch)
+
+
+def _rows_with_a_key(inputs):
+  return np.asarray(inputs["attention_mask"]).any(-1)  # [B, T]
+
+
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+def test_logits_match_unpatched(lora_model, forward, padding):
+  inputs = _inputs(padding)
+  unpatched = forward(lora_model, inputs, patched=False)
+  patched = forward(lora_model, inputs, patched=True)
+  rows = _rows_with_a_key(inputs)
+  testing.assert_close(patched[rows], unpatched[rows], name="logits")
+  assert np.all(np.isfinite(np.asarray(patched)))
+  if padding == "left":
+    assert not rows.all()  # the case has fully masked rows to check
+
+
+def _float64_copy(lora_model):
+  """`lora_model` with the same weights and a float64 config (call with
+  x64 enabled)."""
+  config = tiny_models.tiny_config(vocab_size=VOCAB, sliding_window=WINDOW,
+                                   dtype=jnp.float64, param_dtype=jnp.float64)
+  to64 = lambda state: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64),
+                                    state)
+  graphdef, _ = nnx.split(nnx.eval_shape(
+      lambda: gemma4_lib.Gemma4(config, rngs=nnx.Rngs(0))))
+  base = nnx.merge(graphdef, to64(nnx.state(
+      lora_model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))))
+  model = tiny_models.apply_lora(base, seed=None)
+  nnx.update(model, to64(nnx.state(lora_model, nnx.LoRAParam)))
+  return model
+
+
+def _lora_grads(model, inputs, loss_mask):
+  loss = lambda m: sft_loss(m, inputs["input_tokens"], loss_mask,
+                            inputs["positions"], inputs["attention_mask"])
+  grads = nnx.jit(nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam)))(
+      model)
+  return dict(jax.tree_util.tree_flatten_with_path(grads)[0])
+
+
+def test_lora_grads_match_unpatched(lora_model):
+  """LoRA gradients of Tunix's SFT loss, on a float64 copy of the model.
+
+  In float32 this tiny random model's LoRA gradients are ill-conditioned:
+  moving every weight by one ulp moves Tunix's own gradients by up to 20x the
+  float32 gradient tolerance, and any other summation order does the same.
+  In float64 Tunix is exact to that tolerance, so what is compared is the
+  patch, whose attention runs in float32 inside `ops.attention`.
+  """
+  # One batch with an unpadded, a right-padded and a left-padded row.
+  right, left = (tiny_models.synthetic_batches(
+      1, batch_size=2, seq_len=24, vocab_size=VOCAB, padding=padding,
+      seed=1)[0] for padding in ("right", "left"))
+  inputs = tiny_models.model_inputs(peft_trainer.TrainingInput(
+      input_tokens=np.concatenate([right.input_tokens, left.input_tokens]),
+      input_mask=np.concatenate([right.input_mask, left.input_mask])))
+  mask = np.asarray(inputs["input_mask"])
+  assert not mask[1].all() and mask[1, 0] and not mask[3, 0]
+  # The last pad position predicts the first real token, from a query row
+  # with no visible key (there Tunix and the patch differ by design); leave
+  # that target out of the loss.
+  loss_mask = mask & np.pad(mask, ((0, 0), (1, 0)))[:, :-1]
+  with jax.enable_x64(True):
+    model = _float64_copy(lora_model)
+    unpatched = _lora_grads(model, inputs, loss_mask)
+    with patches.applied():
+      patched = _lora_grads(model, inputs, loss_mask)
+  unpatched = {k: np.asarray(g) for k, g in unpatched.items()}
+  assert len(patched) > 40 and patched.keys() == unpatched.keys()
+  assert all(g.dtype == np.float64 for g in unpatched.values())
+  assert max(np.abs(g).max() for g in unpatched.values()) > 1e-2
+  for path, grad in patched.items():
+    testing.assert_close(np.asarray(grad), unpatched[path], dtype=jnp.float32,
+                         grad=True, name=jax.tree_util.keystr(path))
+
+
+def test_mask_ranks_give_identical_logits(lora_model, forward, config):
+  inputs = _inputs("right")
+  mask = inputs["attention_mask"]  # [B, T, T]
+  batch, seq_len, _ = mask.shape
+  rank3 = forward(lora_model, inputs, patched=True)
+  for form in (mask[:, None], jnp.broadcast_to(
+      mask[:, None], (batch, config.num_heads, seq_len, seq_len)),
+               mask.astype(jnp.int32)):
+    testing.assert_close(forward(lora_model, inputs, patched=True, mask=form),
+                         rank3, name=f"mask {form.shape} {form.dtype}")
+  unpadded = _inputs("none")
+  causal = jnp.tril(jnp.ones((seq_len, seq_len), jnp.bool_))  # [T, T]
+  testing.assert_close(
+      forward(lora_model, unpadded, patched=True, mask=causal),
+      forward(lora_model, unpadded, patched=True), name="rank-2 mask")
+
+
+def test_bidirectional_mask_matches_unpatched(lora_model, forward):
+  # Not causal: Tunix's sliding band is two-sided on local layers.
+  inputs = _inputs("right")
+  input_mask = jnp.asarray(inputs["input_mask"])
+  mask = input_mask[:, None, :] & input_mask[:, :, None]  # [B, T, T]
+  rows = np.asarray(input_mask)  # pad queries see no key here
+  testing.assert_close(
+      forward(lora_model, inputs, patched=True, mask=mask)[rows],
+      forward(lora_model, inputs, patched=False, mask=mask)[rows],
+      name="logits")
+
+
+def test_unpatched_tunix_breaks_on_rank4_mask_patched_works(lora_model,
+                                                            forward):
+  inputs = _inputs("right")
+  rank4 = inputs["attention_mask"][:, None]
+  with pytest.raises(ValueError, match="Einstein sum subscript"):
+    forward(lora_model, inputs, patched=False, mask=rank4)
+  testing.assert_close(forward(lora_model, inputs, patched=True, mask=rank4),
+                       forward(lora_model, inputs, patched=False),
+                       name="rank 4")
+
+
+# Prime: a multiple of no block size; several sliding windows long.
+FLASH_SEQ_LEN = 251
+
+
+def test_flash_config_uses_mask_at_any_length(model, flash_model, forward):
+  # Left padding: causal attention alone would attend the pads, which
+  # Tunix's splash path does (it ignores attn_mask).
+  inputs = _inputs("left", batch_size=2, seq_len=FLASH_SEQ_LEN, seed=2)
+  flash = forward(flash_model, inputs, patched=True)
+  dense = forward(model, inputs, patched=True)
+  assert flash.shape == (2, FLASH_SEQ_LEN, VOCAB)
+  testing.assert_close(flash, dense, name="flash vs dense config")
+  rows = _rows_with_a_key(inputs)
+  testing.assert_close(dense[rows],
+                       forward(model, inputs, patched=False)[rows],
+                       name="patched vs unpatched")
+
+  # Padding is not attended: other tokens in the padded slots change nothing.
+  input_mask = np.asarray(inputs["input_mask"])
+  assert not input_mask.all()
+  changed = dict(inputs)
+  changed["input_tokens"] = np.where(input_mask, inputs["input_tokens"],
+                                     7).astype(np.int32)
+  flash_changed = forward(flash_model, changed, patched=True)
+  testing.assert_close(flash_changed[input_mask], flash[input_mask],
+                       name="unpadded logits after changing padded tokens")
+  assert not np.allclose(flash_changed[~input_mask], flash[~input_mask])
+
+
+def _jitted_step():
+  @nnx.jit
+  def step(model, tokens, positions, cache, mask):
+    return model(tokens, positions, cache, mask)
+  return step
+
+
+def _generate(model, step, tokens, input_mask, *, cache_size, decode_steps,
+              fed=None):
+  """Tunix's sampler loop: prefill into a KV cache, then one token a step.
+
+  Feeds `fed[s]` at decode step s when given (so two runs see the same
+  tokens), else the argmax. Returns (prefill logits, decode logits, fed).
+  """
+  batch, seq_len = tokens.shape
+  cache = model.init_cache(batch, cache_size, jnp.float32)
+  positions = sft_utils.build_positions_from_mask(input_mask)
+  prefill, cache = step(
+      model, tokens, positions, cache,
+      generate_utils.make_causal_attn_mask(input_mask, cache_size))
+  pad = np.zeros((batch, cache_size), bool)
+  pad[:, :seq_len] = ~input_mask
+  logits, fed_now, last = prefill[:, -1], [], positions[:, -1]
+  decoded = []
+  for s in range(decode_steps):
+    token = (fed[s] if fed is not None else
+             jnp.argmax(logits, -1).astype(jnp.int32))[:, None]
+    fed_now.append(token[:, 0])
+    mask = generate_utils.compute_attention_masks(seq_len + s, cache_size,
+                                                  jnp.asarray(pad))
+    out, cache = step(model, token, (last + 1 + s)[:, None], cache, mask)
+    logits = out[:, -1]
+    decoded.append(logits)
+  return prefill, jnp.stack(decoded, 1), fed_now
+
+
+def test_decode_with_kv_cache_matches_unpatched(lora_model):
+  # Left padding, as Tunix's sampler pads prompts; 12 > WINDOW wraps the
+  # sliding-window cache during prefill.
+  inputs = _inputs("left", batch_size=2, seq_len=12, seed=3)
+  tokens, input_mask = inputs["input_tokens"], inputs["input_mask"]
+  kwargs = dict(cache_size=16, decode_steps=3)
+  prefill, decoded, fed = _generate(lora_model, _jitted_step(), tokens,
+                                    input_mask, **kwargs)
+  with patches.applied():
+    prefill_p, decoded_p, _ = _generate(lora_model, _jitted_step(), tokens,
+                                        input_mask, fed=fed, **kwargs)
+  testing.assert_close(prefill_p[input_mask], prefill[input_mask],
+                       name="prefill logits")
+  testing.assert_close(decoded_p, decoded, name="decode logits")
+
+
+def test_peft_trainer_runs_patched(lora_model):
+  # Left padding makes patched and unpatched losses differ (see
+  # test_lora_grads_match_unpatched), which shows the trainer's jitted step
+  # ran the patched block.
+  batches = tiny_models.synthetic_batches(2, batch_size=4, seq_len=16,
+                                          vocab_size=VOCAB, padding="left",
+                                          seed=4)
+  inputs = tiny_models.model_inputs(batches[0])
+  unpatched_loss = float(nnx.jit(lambda m: sft_loss(m, **inputs))(lora_model))
+  model = nnx.clone(lora_model)
+  with patches.applied():
+    patched_loss = float(nnx.jit(lambda m: sft_loss(m, **inputs))(model))
+    run = tiny_models.train(model, batches)
+  assert len(run.losses) == 2 and np.all(np.isfinite(run.losses))
+  assert abs(patched_loss - unpatched_loss) > 1e-4
+  np.testing.assert_allclose(run.losses[0], patched_loss, rtol=1e-5)
+  lora_before = jax.tree.leaves(nnx.state(lora_model, nnx.LoRAParam))
+  lora_after = jax.tree.leaves(nnx.state(model, nnx.LoRAParam))
+  assert any(not np.allclose(a, b) for a, b in zip(lora_before, lora_after))
+
+
+def test_jit_inside_simulated_mesh(model, forward):
+  inputs = _inputs("left", seed=5)
+  mesh = testing.simulated_mesh()
+  batch_sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+      "fsdp"))
+  args = [jax.device_put(inputs[name], batch_sharded)
+          for name in ("input_tokens", "positions", "attention_mask")]
+  with patches.applied(), jax.set_mesh(mesh):
+    sharded = _jitted_forward()(model, *args)
+  assert sharded.sharding.spec[0] == "fsdp"
+  rows = _rows_with_a_key(inputs)
+  testing.assert_close(sharded, forward(model, inputs, patched=True),
+                       name="logits under the mesh")
+  testing.assert_close(sharded[rows],
+                       forward(model, inputs, patched=False)[rows],
+                       name="logits under the mesh vs unpatched")

@@ -1,0 +1,261 @@
+"""apply / revert / applied / status and the target checks, on real Tunix.
+
+The "changed target" cases change the installed Tunix module in place with
+monkeypatch (restored after each test). Tunix main's split layout cannot be
+installed here; `test_split_layout_detection_and_checks` exercises only the
+detection and checking logic on a module put together from 0.1.7's parts.
+"""
+
+import importlib.machinery
+import subprocess
+import sys
+import types
+import warnings
+
+import pytest
+from tunix.models.gemma4 import model as gemma4_lib
+
+import gemma4_jax.patches as patches
+from gemma4_jax.patches import _framework
+from gemma4_jax.patches import tunix_attention
+
+TARGET = "tunix.models.gemma4.model:Attention.block"
+ORIGINAL = gemma4_lib.Attention.__dict__["block"]
+
+
+@pytest.fixture(autouse=True)
+def _unpatched_between_tests():
+  patches.revert()
+  assert gemma4_lib.Attention.block is ORIGINAL
+  yield
+  patches.revert()
+
+
+def test_import_patches_nothing_and_imports_no_tunix():
+  code = ("import sys, gemma4_jax.patches as p; "
+          "assert not any(m.startswith('tunix') for m in sys.modules), "
+          "sorted(m for m in sys.modules if m.startswith('tunix'))")
+  subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_apply_reports_and_revert_restores_the_original_object():
+  report = patches.apply()
+  assert report.patched == (TARGET,)
+  assert gemma4_lib.Attention.block is not ORIGINAL
+  assert gemma4_lib.Attention.block.__wrapped__ is ORIGINAL
+  states = {t.feature: t.state for t in report.targets}
+  assert states == {"attention": "patched", "ple": "not available",
+                    "lora": "not available", "loss": "not available"}
+  assert report.tunix_version == "0.1.7" and report.qwix_version == "0.1.8"
+  assert report.implementation is None
+  assert report.resolved_implementation == "xla"
+  assert TARGET in str(report)
+  assert patches.revert() == (TARGET,)
+  assert gemma4_lib.Attention.block is ORIGINAL
+  assert patches.revert() == ()
+
+
+def test_apply_twice_is_harmless_and_other_options_replace_cleanly():
+  first = patches.apply()
+  patched = gemma4_lib.Attention.block
+  assert patches.apply() == first
+  assert gemma4_lib.Attention.block is patched
+
+  report = patches.apply(implementation="reference")
+  assert report.resolved_implementation == "reference"
+  assert gemma4_lib.Attention.block is not patched
+  assert gemma4_lib.Attention.block.__wrapped__ is ORIGINAL
+  assert patches.status().implementation == "reference"
+
+  report = patches.apply(attention=False)
+  assert report.patched == ()
+  assert report.targets[0].state == "skipped"
+  assert gemma4_lib.Attention.block is ORIGINAL
+
+
+def test_applied_restores_on_exit_and_on_exception():
+  with patches.applied() as report:
+    assert report.patched == (TARGET,)
+    assert gemma4_lib.Attention.block is not ORIGINAL
+  assert gemma4_lib.Attention.block is ORIGINAL
+
+  with pytest.raises(ZeroDivisionError):
+    with patches.applied():
+      assert gemma4_lib.Attention.block is not ORIGINAL
+      _ = 1 / 0
+  assert gemma4_lib.Attention.block is ORIGINAL
+
+
+def test_applied_restores_the_patches_in_place_before_it():
+  patches.apply()
+  outer = gemma4_lib.Attention.block
+  with patches.applied(implementation="reference"):
+    assert gemma4_lib.Attention.block is not outer
+  assert gemma4_lib.Attention.block is outer
+  assert patches.status().targets[0].patched
+
+
+def test_status():
+  status = patches.status()
+  attention, *others = status.targets
+  assert (attention.feature, attention.target) == ("attention", TARGET)
+  assert attention.available and not attention.patched
+  assert attention.version == "0.1.7" and attention.version_known
+  assert [t.feature for t in others] == ["ple", "lora", "loss"]
+  assert not any(t.available or t.patched for t in others)
+  assert status.implementation is None
+  with patches.applied(implementation="xla"):
+    status = patches.status()
+    assert status.targets[0].patched and status.implementation == "xla"
+    assert "patched" in str(status)
+  assert not patches.status().targets[0].patched
+
+
+def _assert_changed(match):
+  with pytest.raises(patches.TargetChangedError, match=match) as error:
+    patches.apply()
+  assert "0.1.7" in str(error.value)
+  assert "Nothing was patched" in str(error.value)
+  assert isinstance(error.value, RuntimeError)
+  assert patches.status().targets[0].available is False
+
+
+def test_missing_function_raises_and_patches_nothing(monkeypatch):
+  monkeypatch.delattr(gemma4_lib, "apply_rope")
+  _assert_changed("tunix.models.gemma4.model.apply_rope is missing")
+  assert gemma4_lib.Attention.block is ORIGINAL
+
+
+def test_changed_block_signature_raises_and_patches_nothing(monkeypatch):
+  def block(self, x, positions, cache, attn_mask):  # a changed signature
+    del self, x, positions, cache, attn_mask
+  monkeypatch.setattr(gemma4_lib.Attention, "block", block)
+  _assert_changed(r"Attention.block takes \(self, x, positions, cache, "
+                  r"attn_mask\), expected \(self, x, segment_pos")
+  assert gemma4_lib.Attention.block is block
+
+
+def test_changed_init_raises_and_patches_nothing(monkeypatch):
+  original_init = gemma4_lib.Attention.__init__
+
+  def init(self, config, attn_type, rngs):  # stores none of what block reads
+    original_init(self, config, attn_type, rngs)
+  monkeypatch.setattr(gemma4_lib.Attention, "__init__", init)
+  _assert_changed("Attention.__init__ no longer uses config, attn_type, "
+                  "q_einsum")
+  assert gemma4_lib.Attention.block is ORIGINAL
+
+
+def test_missing_config_field_raises(monkeypatch):
+  monkeypatch.delattr(gemma4_lib, "ShardingConfig")
+  _assert_changed("tunix.models.gemma4.model.ShardingConfig is missing")
+
+
+def test_changed_target_while_patched_keeps_the_patch(monkeypatch):
+  patches.apply()
+  patched = gemma4_lib.Attention.block
+  monkeypatch.delattr(gemma4_lib, "shard")
+  with pytest.raises(patches.TargetChangedError, match="shard is missing"):
+    patches.apply(implementation="reference")
+  assert gemma4_lib.Attention.block is patched
+
+
+def test_untested_version_warns_and_patches(monkeypatch):
+  installed = _framework.installed_version
+  monkeypatch.setattr(
+      _framework, "installed_version",
+      lambda d: "0.1.99" if d == "google-tunix" else installed(d))
+  with pytest.warns(UserWarning, match="google-tunix 0.1.99 is not among"):
+    report = patches.apply()
+  assert report.patched == (TARGET,)
+  assert "untested" in report.targets[0].reason
+  status = patches.status()
+  assert status.targets[0].available and not status.targets[0].version_known
+
+
+def test_failure_while_patching_rolls_back_everything():
+  """A second target whose replacement cannot be built: the first one, already
+  patched, is restored, and the patches from before the call come back."""
+  def broken(original, implementation):
+    raise RuntimeError("cannot build the replacement")
+  attention = tunix_attention.target()
+  second = _framework.Target(
+      feature="test", module="tunix.models.gemma4.model",
+      attribute="FeedForward.block", distribution="google-tunix",
+      known_versions=("0.1.7",), known_to_work="google-tunix 0.1.7",
+      requirements=(), make_replacement=broken)
+  ffw_block = gemma4_lib.FeedForward.__dict__["block"]
+
+  for before in (None, "reference"):
+    if before is not None:
+      patches.apply(implementation=before)
+    in_place = gemma4_lib.Attention.block
+    with _framework.LOCK, pytest.raises(RuntimeError, match="cannot build"):
+      _framework.install((attention, second), "xla")
+    assert gemma4_lib.Attention.block is in_place
+    assert gemma4_lib.FeedForward.__dict__["block"] is ffw_block
+    assert patches.status().targets[0].patched == (before is not None)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(implementation="fast"), ValueError, "unknown implementation 'fast'"),
+    (dict(implementation="pallas_tpu"), ValueError, "not available for this"),
+    (dict(implementation=3), TypeError, "implementation must be a str"),
+    (dict(attention="yes"), TypeError, "attention must be a bool"),
+    (dict(loss=None), TypeError, "loss must be a bool"),
+])
+def test_bad_arguments(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    patches.apply(**kwargs)
+  with pytest.raises(error, match=match):
+    with patches.applied(**kwargs):
+      pass
+  assert gemma4_lib.Attention.block is ORIGINAL
+
+
+def test_split_layout_detection_and_checks(monkeypatch):
+  """Tunix main's layout: found by its module, checked by its signature.
+
+  Only detection and checking: the module is assembled from 0.1.7's parts
+  with `block` taking `segment_ids`, as in Tunix main's attention.py; the
+  patched block for this layout is not run here.
+  """
+  class Attention(gemma4_lib.Attention):
+    def block(self, x, segment_pos, cache, attn_mask, kv_shared_cache=None,
+              segment_ids=None):
+      raise AssertionError("not run")
+
+  def fake_module(name, **attributes):
+    module = types.ModuleType(name)
+    module.__spec__ = importlib.machinery.ModuleSpec(name, None)
+    module.__dict__.update(attributes)
+    monkeypatch.setitem(sys.modules, name, module)
+    return module
+
+  fake_module("tunix.models.gemma4.config",
+              ModelConfig=gemma4_lib.ModelConfig,
+              ShardingConfig=gemma4_lib.ShardingConfig)
+  fake_module("tunix.models.gemma4.attention", Attention=Attention,
+              apply_rope=gemma4_lib.apply_rope, shard=gemma4_lib.shard,
+              AttentionType=gemma4_lib.AttentionType)
+  assert tunix_attention.detect_layout().takes_segment_ids
+
+  status = patches.status().targets[0]
+  assert status.target == "tunix.models.gemma4.attention:Attention.block"
+  assert status.available and not status.version_known
+  split_block = Attention.__dict__["block"]
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    with patches.applied() as report:
+      assert report.patched == (status.target,)
+      assert Attention.__dict__["block"].__wrapped__ is split_block
+      assert gemma4_lib.Attention.block is ORIGINAL
+  assert any("not among the versions" in str(w.message) for w in caught)
+  assert Attention.__dict__["block"] is split_block
+
+  def old_block(self, x, segment_pos, cache, attn_mask, kv_shared_cache=None):
+    raise AssertionError("not run")
+  monkeypatch.setattr(Attention, "block", old_block)
+  with pytest.raises(patches.TargetChangedError,
+                     match=r"expected \(.*kv_shared_cache, segment_ids\)"):
+    patches.apply()
