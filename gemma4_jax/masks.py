@@ -3,7 +3,7 @@
 Users and libraries build masks as `[T, S]`, `[B, T, S]`, `[B, 1, T, S]` or
 `[B, N, T, S]`. Scores are 4-D, so a rank-3 mask broadcast naively against
 `[B, N, T, S]` pairs its batch axis with the heads axis: the bug this module
-exists to remove. Everything downstream sees `[B|1, N|1, T, S]` booleans.
+exists to remove. Everything downstream sees `[B|1, N|1, T|1, S]` booleans.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ ACCEPTED_MASK_FORMS = "[T,S], [B,T,S], [B,1,T,S] or [B,N,T,S]"
 
 def canonical_mask(mask, *, batch: int, num_heads: int, q_len: int,
                    kv_len: int) -> jax.Array:
-  """Returns `mask` as a boolean `[B|1, N|1, T, S]` array.
+  """Returns `mask` as a boolean `[B|1, N|1, T|1, S]` array.
 
   Args:
     mask: boolean, True where a query may attend a key, in one of the forms
-      `[T,S]`, `[B,T,S]`, `[B,1,T,S]`, `[B,N,T,S]` (a batch or head axis of
-      size 1 broadcasts).
+      `[T,S]`, `[B,T,S]`, `[B,1,T,S]`, `[B,N,T,S]`; a batch, head or query
+      axis of size 1 broadcasts (Tunix passes `[B,1,S]` key masks).
     batch, num_heads, q_len, kv_len: the B, N, T and S of the attention.
 
   Raises:
@@ -42,15 +42,15 @@ def canonical_mask(mask, *, batch: int, num_heads: int, q_len: int,
         f"mask must have rank 2, 3 or 4 ({ACCEPTED_MASK_FORMS} with B={batch},"
         f" N={num_heads}, T={q_len}, S={kv_len}); got shape {shape}")
   want = expected[len(shape)]
-  # The last two axes must match exactly; batch and head axes may be 1.
+  # The key axis must match exactly; the others may be 1 and broadcast.
   fits = all(
-      have == need or (have == 1 and axis < len(shape) - 2)
+      have == need or (have == 1 and axis < len(shape) - 1)
       for axis, (have, need) in enumerate(zip(shape, want)))
   if not fits:
     raise ValueError(
         f"mask of shape {shape} does not fit attention with B={batch}, "
         f"N={num_heads}, T={q_len}, S={kv_len}: expected {want} "
-        f"(one of {ACCEPTED_MASK_FORMS}; B and N may be 1)")
+        f"(one of {ACCEPTED_MASK_FORMS}; B, N and T may be 1)")
   if len(shape) == 2:
     return mask[None, None]
   if len(shape) == 3:

@@ -48,6 +48,12 @@ def test_every_rank_means_the_same(seed, batch, heads, q_len, kv_len):
   np.testing.assert_array_equal(
       np.broadcast_to(got2, want.shape),
       np.broadcast_to(base[0], want.shape))
+  # A key mask [B, 1, S] (Tunix's decode and dummy inputs) broadcasts over T.
+  keys = base[:, :1]
+  got3 = masks.canonical_mask(jnp.asarray(keys), **dims)
+  np.testing.assert_array_equal(
+      np.broadcast_to(got3, want.shape),
+      np.broadcast_to(keys[:, None], want.shape))
 
 
 @pytest.mark.parametrize("shape, message", [

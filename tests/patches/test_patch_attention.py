@@ -328,3 +328,11 @@ def test_jit_inside_simulated_mesh(model, forward):
   testing.assert_close(sharded[rows],
                        forward(model, inputs, patched=False)[rows],
                        name="logits under the mesh vs unpatched")
+
+
+def test_lora_can_be_applied_while_patched(config):
+  # qwix traces the model with Tunix's dummy inputs, whose attention mask is
+  # a [B, 1, S] key mask that broadcasts over queries.
+  with patches.applied():
+    lora = tiny_models.apply_lora(tiny_models.build_model(config, seed=3))
+  assert jax.tree.leaves(nnx.state(lora, nnx.LoRAParam))
