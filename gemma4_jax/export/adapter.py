@@ -102,6 +102,7 @@ def read_tunix_params(params_dir: str) -> dict[str, np.ndarray]:
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   checkpointer = ocp.PyTreeCheckpointer()
+  params_dir = os.path.abspath(params_dir)  # orbax refuses relative paths
   try:
     metadata = checkpointer.metadata(params_dir)
     tree = getattr(metadata, "item_metadata", metadata)

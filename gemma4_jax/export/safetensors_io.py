@@ -124,22 +124,37 @@ def read_tensor(info: TensorInfo, rows: slice | None = None) -> np.ndarray:
   start, stop = 0, (shape[0] if shape else 1)
   if rows is not None:
     start, stop, _ = rows.indices(shape[0])
-  row_bytes = info.nbytes // max(1, shape[0] if shape else 1)
-  offset, count = info.offset + start * row_bytes, (stop - start) * row_bytes
-  buf = bytearray(count)
+  out = np.empty(((stop - start,) + shape[1:]) if shape else (),
+                 info.numpy_dtype)
   fd = os.open(info.path, os.O_RDONLY)
   try:
-    view, done = memoryview(buf), 0
-    while done < count:
-      n = os.preadv(fd, [view[done:]], offset + done)
-      if n == 0:
-        raise CorruptFileError(
-            f"{info.path}: unexpected end of file reading {info.name!r}")
-      done += n
+    read_rows_into(fd, info, start, out)
   finally:
     os.close(fd)
-  out_shape = ((stop - start,) + shape[1:]) if shape else ()
-  return np.frombuffer(buf, dtype=info.numpy_dtype).reshape(out_shape)
+  return out
+
+
+def read_rows_into(fd: int, info: TensorInfo, start: int,
+                   out: np.ndarray) -> None:
+  """Fills `out` (C-contiguous, the tensor's dtype) with the tensor's rows
+  from `start` on, read from `fd`, an open descriptor of `info.path`."""
+  rows = info.shape[0] if info.shape else 1
+  if out.dtype != info.numpy_dtype or not out.flags.c_contiguous:
+    raise ValueError(f"out: expected a C-contiguous {info.numpy_dtype} "
+                     f"array, got {out.dtype}")
+  row_bytes = info.nbytes // max(1, rows)
+  if out.nbytes % max(1, row_bytes) or not 0 <= start <= rows or \
+      start + out.nbytes // max(1, row_bytes) > rows:
+    raise ValueError(f"out: {out.nbytes} bytes from row {start} do not fit "
+                     f"{info.name!r} {info.dtype}{list(info.shape)}")
+  view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
+  offset = info.offset + start * row_bytes
+  while done < out.nbytes:
+    n = os.preadv(fd, [view[done:]], offset + done)
+    if n == 0:
+      raise CorruptFileError(
+          f"{info.path}: unexpected end of file reading {info.name!r}")
+    done += n
 
 
 def load_checkpoint_index(directory: str | os.PathLike) -> dict[str, TensorInfo]:
@@ -234,6 +249,15 @@ def write_all(fd: int, data) -> None:
     view = view[n:]
 
 
+def pwrite_all(fd: int, data, offset: int) -> None:
+  """Writes all of `data` at byte `offset` of `fd`; the file position does
+  not move, so threads may write disjoint ranges of one file."""
+  view = memoryview(data).cast("B")
+  while view:
+    n = os.pwrite(fd, view[:COPY_CHUNK_BYTES], offset)
+    view, offset = view[n:], offset + n
+
+
 def copy_range(src_fd: int, src_offset: int, dst_fd: int, count: int, *,
                on_progress=None) -> None:
   """Copies `count` bytes at `src_offset` to the current position of `dst_fd`
@@ -321,6 +345,7 @@ def dtype_name(dtype) -> str:
 __all__ = [
     "CorruptFileError", "DTYPES", "FLOAT_DTYPES", "INDEX_NAME", "TensorInfo",
     "SafetensorsFile", "copy_range", "dtype_name", "encode_header",
-    "load_checkpoint_index", "parse_size", "plan_shards", "read_tensor",
-    "shard_file_names", "write_all", "write_index", "write_safetensors",
+    "load_checkpoint_index", "parse_size", "plan_shards", "pwrite_all",
+    "read_rows_into", "read_tensor", "shard_file_names", "write_all",
+    "write_index", "write_safetensors",
 ]

@@ -17,6 +17,9 @@ PROBE_RTOL = {"F32": 1e-5, "F64": 1e-5, "F16": 1e-3, "BF16": 2e-2}
 PROBE_BATCH = 4
 PROBE_SAMPLES = 3
 # Rows per read when streaming a weight: ~8 MiB of float32 per temporary.
+# The merge runs one `lora_b @ lora_a` GEMM per chunk; BLAS may sum the rank
+# in an order that depends on the GEMM's shape, so changing this can change
+# the last bit of merged weights.
 CHUNK_ELEMENTS = 2 << 20
 
 
@@ -26,7 +29,8 @@ class VerificationError(RuntimeError):
 
 @dataclasses.dataclass
 class TensorStats:
-  """Running mean/std of a weight before and after the merge."""
+  """Running mean/std of a weight before and after the merge (filled in by
+  `merge_kernel`, one block of rows at a time)."""
   count: int = 0
   sum_before: float = 0.0
   sumsq_before: float = 0.0
@@ -34,18 +38,14 @@ class TensorStats:
   sumsq_after: float = 0.0
   max_abs_delta: float = 0.0
 
-  def update(self, before: np.ndarray, after: np.ndarray) -> None:
-    # float32 BLAS dots for the squares: float64 copies of every chunk cost
-    # more than the rest of the merge together.
-    b = np.ascontiguousarray(before, np.float32).reshape(-1)
-    a = np.ascontiguousarray(after, np.float32).reshape(-1)
-    self.count += b.size
-    self.sum_before += float(np.sum(b, dtype=np.float64))
-    self.sumsq_before += float(np.dot(b, b))
-    self.sum_after += float(np.sum(a, dtype=np.float64))
-    self.sumsq_after += float(np.dot(a, a))
-    if b.size:
-      self.max_abs_delta = max(self.max_abs_delta, float(np.abs(a - b).max()))
+  def add(self, other: TensorStats) -> None:
+    """Folds in the statistics of another block of the same tensor."""
+    self.count += other.count
+    self.sum_before += other.sum_before
+    self.sumsq_before += other.sumsq_before
+    self.sum_after += other.sum_after
+    self.sumsq_after += other.sumsq_after
+    self.max_abs_delta = max(self.max_abs_delta, other.max_abs_delta)
 
   def as_dict(self) -> dict:
     def moments(s, sq):

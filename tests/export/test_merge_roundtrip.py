@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from tunix.models.gemma4 import params_safetensors
 
+from gemma4_jax import cli
 from gemma4_jax import testing
 from gemma4_jax.export import adapter as adapter_lib
 from gemma4_jax.export import commands
@@ -40,10 +41,16 @@ def _tensor_bytes(directory):
 @pytest.fixture(scope="module")
 def cli_merged(tiny_run, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("cli") / "merged")
-  code = commands.main(["merge", "--base", tiny_run.base_dir, "--adapter",
-                        tiny_run.checkpoint_root, "--out", out, "--alpha",
-                        str(conftest.ALPHA), "--shard-size", "300KB",
-                        "--quiet"])
+  # The console script's entry point, with the relative paths users type.
+  cwd = os.getcwd()
+  os.chdir(os.path.dirname(tiny_run.checkpoint_root))
+  try:
+    code = cli.main([
+        "merge", "--base", os.path.relpath(tiny_run.base_dir), "--adapter",
+        os.path.relpath(tiny_run.checkpoint_root), "--out", out, "--alpha",
+        str(conftest.ALPHA), "--shard-size", "300KB", "--quiet"])
+  finally:
+    os.chdir(cwd)
   assert code == 0
   return out
 
