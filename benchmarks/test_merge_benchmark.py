@@ -1,7 +1,7 @@
 """LoRA merge at Gemma 4 E2B size: peak RSS and throughput against `cp`.
 
 A synthetic checkpoint with the exact E2B text tensor names and shapes
-(/work/shared/data/gemma4_e2b_hf_text_shapes.json, bf16, ~9.3 GB) and a
+(tests/data/gemma4_e2b_hf_text_shapes.json, bf16, ~9.3 GB) and a
 rank-16 adapter on every qwix target an eagerly built E2B gets (522 tensors
 of gemma4_e2b_tunix_shapes.json `lora`; the tied-embedding pair is left out
 because merging it needs `--untie`, which adds an lm_head the `cp` baseline
@@ -30,7 +30,8 @@ import pytest
 
 from gemma4_jax.export import safetensors_io
 
-DATA = os.environ.get("GEMMA4_JAX_SHAPES_DIR", "/work/shared/data")
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), "tests", "data")
 HF_SHAPES = os.path.join(DATA, "gemma4_e2b_hf_text_shapes.json")
 TUNIX_SHAPES = os.path.join(DATA, "gemma4_e2b_tunix_shapes.json")
 PREFIX = "model.language_model."
