@@ -14,7 +14,6 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from tunix.sft import peft_trainer
 

@@ -5,7 +5,6 @@ import subprocess
 import sys
 import tomllib
 
-import gemma4_jax
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SOURCE_ROOTS = {"gemma4_jax": "gemma4_jax", "kernels": "gemma4_jax.kernels",

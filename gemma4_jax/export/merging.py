@@ -29,6 +29,7 @@ import numpy as np
 from gemma4_jax.export import adapter as adapter_lib
 from gemma4_jax.export import base as base_lib
 from gemma4_jax.export import merge_kernel
+from gemma4_jax.export import output_dir
 from gemma4_jax.export import safetensors_io
 from gemma4_jax.export import verify
 
@@ -127,46 +128,36 @@ def merge(base_dir: str | os.PathLike, adapter, out_dir: str | os.PathLike,
   total = sum(e.source.nbytes for e in entries) + sum(map(len, headers))
   _check_free_space(out_dir, total)
 
-  tmp_dir = os.path.join(os.path.dirname(out_dir),
-                         f".{os.path.basename(out_dir)}.partial-{os.getpid()}")
-  os.makedirs(tmp_dir)
   try:
-    with merge_kernel.single_threaded_blas():
-      stats = _write_shards(tmp_dir, files, headers, shards, entries, total,
-                            progress)
-    safetensors_io.write_index(
-        tmp_dir, {entries[i].name: files[k] for k, shard in enumerate(shards)
-                  for i in shard}, sum(e.source.nbytes for e in entries))
-    _copy_side_files(base, tmp_dir, untie_written="lm_head.weight" in placed
-                     and "lm_head.weight" not in base.tensors)
-    report = {
-        "base": os.path.abspath(base_dir), "adapter": adapter.source,
-        "layout": adapter.layout, "rank": adapter.rank, "alpha": adapter.alpha,
-        "scale": adapter.scale, "untie": untie,
-        "num_input_tensors": len(base.tensors), "num_output_tensors":
-        len(entries), "num_adapter_tensors": adapter.num_source_tensors,
-        "merged": {name: {"source": placed[name].source, **s.as_dict()}
-                   for name, s in stats.items()},
-    }
-    if verify_output:
+    with output_dir.staged(out_dir) as tmp_dir:
       with merge_kernel.single_threaded_blas():
-        report["verification"] = _verify(tmp_dir, entries, placed)
-    with open(os.path.join(tmp_dir, REPORT_NAME), "w") as f:
-      json.dump(report, f, indent=2)
-      f.flush()
-      os.fsync(f.fileno())
-    _fsync_dir(tmp_dir)
-    _move_into_place(tmp_dir, out_dir)
-  except BaseException as e:
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    if isinstance(e, OSError):
-      raise MergeError(
-          f"writing the merged checkpoint failed: {e}; removed the partial "
-          f"output, nothing was written to {out_dir}") from e
-    if isinstance(e, verify.VerificationError):
-      raise MergeError(f"verification failed: {e}; removed the partial "
-                       f"output") from e
-    raise
+        stats = _write_shards(tmp_dir, files, headers, shards, entries, total,
+                              progress)
+      safetensors_io.write_index(
+          tmp_dir, {entries[i].name: files[k] for k, shard in enumerate(shards)
+                    for i in shard}, sum(e.source.nbytes for e in entries))
+      _copy_side_files(base, tmp_dir, untie_written="lm_head.weight" in placed
+                       and "lm_head.weight" not in base.tensors)
+      report = {
+          "base": os.path.abspath(base_dir), "adapter": adapter.source,
+          "layout": adapter.layout, "rank": adapter.rank, "alpha": adapter.alpha,
+          "scale": adapter.scale, "untie": untie,
+          "num_input_tensors": len(base.tensors), "num_output_tensors":
+          len(entries), "num_adapter_tensors": adapter.num_source_tensors,
+          "merged": {name: {"source": placed[name].source, **s.as_dict()}
+                     for name, s in stats.items()},
+      }
+      if verify_output:
+        with merge_kernel.single_threaded_blas():
+          report["verification"] = _verify(tmp_dir, entries, placed)
+      output_dir.write_json(os.path.join(tmp_dir, REPORT_NAME), report)
+  except OSError as e:
+    raise MergeError(
+        f"writing the merged checkpoint failed: {e}; removed the partial "
+        f"output, nothing was written to {out_dir}") from e
+  except verify.VerificationError as e:
+    raise MergeError(f"verification failed: {e}; removed the partial "
+                     f"output") from e
   return MergeSummary(out_dir, len(entries), len(placed), total,
                       time.perf_counter() - start, peak_rss_bytes(),
                       os.path.join(out_dir, REPORT_NAME))
@@ -177,12 +168,7 @@ def _check_output_path(base_dir: str, out_dir: str, force: bool) -> None:
   if real_out == real_base or real_base.startswith(real_out + os.sep):
     raise ValueError(f"out: {out_dir!r} would overwrite the base checkpoint "
                      f"{base_dir!r}")
-  if os.path.exists(out_dir) and not force:
-    raise FileExistsError(
-        f"out: {out_dir!r} already exists; pass --force to replace it")
-  parent = os.path.dirname(out_dir)
-  if not os.path.isdir(parent):
-    raise ValueError(f"out: parent directory {parent!r} does not exist")
+  output_dir.check_new(out_dir, force=force)
 
 
 def _check_free_space(out_dir: str, needed: int) -> None:
@@ -328,12 +314,11 @@ def _copy_side_files(base, tmp_dir: str, *, untie_written: bool) -> None:
       config["tie_word_embeddings"] = False
       if isinstance(config.get("text_config"), dict):
         config["text_config"]["tie_word_embeddings"] = False
-      with open(dst, "w") as f:
-        json.dump(config, f, indent=2)
+      output_dir.write_json(dst, config)
     else:
       shutil.copyfile(src, dst)
-    with open(dst, "rb+") as f:
-      os.fsync(f.fileno())
+      with open(dst, "rb+") as f:
+        os.fsync(f.fileno())
 
 
 def _verify(tmp_dir: str, entries, placed) -> dict:
@@ -346,26 +331,6 @@ def _verify(tmp_dir: str, entries, placed) -> dict:
             for name in verify.sample_for_probe(merged_names)]
   return {"num_tensors": count, "shapes_match": True, "finite": True,
           "probes": probes}
-
-
-def _fsync_dir(path: str) -> None:
-  fd = os.open(path, os.O_RDONLY)
-  try:
-    os.fsync(fd)
-  finally:
-    os.close(fd)
-
-
-def _move_into_place(tmp_dir: str, out_dir: str) -> None:
-  old = None
-  if os.path.exists(out_dir):
-    old = os.path.join(os.path.dirname(out_dir),
-                       f".{os.path.basename(out_dir)}.old-{os.getpid()}")
-    os.rename(out_dir, old)
-  os.rename(tmp_dir, out_dir)
-  _fsync_dir(os.path.dirname(out_dir))
-  if old is not None:
-    shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["DEFAULT_SHARD_SIZE", "MergeError", "MergeSummary", "merge",

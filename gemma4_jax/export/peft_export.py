@@ -10,15 +10,14 @@ scale after the Linear that PEFT wraps.
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 
 import numpy as np
 
 from gemma4_jax.export import adapter as adapter_lib
 from gemma4_jax.export import base as base_lib
 from gemma4_jax.export import mapping
+from gemma4_jax.export import output_dir
 from gemma4_jax.export import safetensors_io
 
 DEFAULT_PREFIX = "model.language_model."
@@ -44,9 +43,7 @@ def export_adapter(adapter, out_dir: str | os.PathLike, *,
     The output directory.
   """
   out_dir = os.path.abspath(os.fspath(out_dir))
-  if os.path.exists(out_dir) and not force:
-    raise FileExistsError(
-        f"out: {out_dir!r} already exists; pass --force to replace it")
+  output_dir.check_new(out_dir, force=force)
   if not isinstance(adapter, adapter_lib.Adapter):
     adapter = adapter_lib.load_adapter(adapter, rank=rank, alpha=alpha)
   for delta in adapter.deltas:
@@ -87,23 +84,12 @@ def export_adapter(adapter, out_dir: str | os.PathLike, *,
       "inference_mode": True,
       "modules_to_save": None,
   }
-  tmp_dir = os.path.join(os.path.dirname(out_dir),
-                         f".{os.path.basename(out_dir)}.partial-{os.getpid()}")
-  os.makedirs(tmp_dir)
-  try:
+  with output_dir.staged(out_dir) as tmp_dir:
     safetensors_io.write_safetensors(
         os.path.join(tmp_dir, adapter_lib.PEFT_WEIGHTS), tensors,
         {"format": "pt"})
-    with open(os.path.join(tmp_dir, adapter_lib.PEFT_CONFIG), "w") as f:
-      json.dump(config, f, indent=2)
-      f.flush()
-      os.fsync(f.fileno())
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.rename(tmp_dir, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    raise
+    output_dir.write_json(os.path.join(tmp_dir, adapter_lib.PEFT_CONFIG),
+                          config)
   return out_dir
 
 
