@@ -21,7 +21,8 @@ def attention_cases(draw):
   return dict(
       batch=batch, num_heads=num_kv_heads * group, num_kv_heads=num_kv_heads,
       head_dim=head_dim, q_len=q_len, kv_len=kv_len,
-      mask_rank=draw(st.sampled_from([None, 2, 3, 4])),
+      # "heads": [B,N,T,S], a different random mask for every query head.
+      mask_rank=draw(st.sampled_from([None, 2, 3, 4, "heads"])),
       padding=draw(st.sampled_from(["none", "left", "right"])),
       causal=draw(st.booleans()),
       sliding_window=draw(st.sampled_from([None, 1, 16])),
@@ -48,7 +49,9 @@ def make_inputs(case):
   mask = None
   if case["mask_rank"] is not None:
     full = np.broadcast_to(valid[:, None, :], (b, t, s))
-    mask = {2: full[-1], 3: full, 4: full[:, None]}[case["mask_rank"]]
+    per_head = full[:, None] & (rng.random((b, n, t, s)) > 0.3)
+    mask = {2: full[-1], 3: full, 4: full[:, None],
+            "heads": per_head}[case["mask_rank"]]
     if case["mask_rank"] == 2:
       mask = np.asarray(mask)
   dtype = case["dtype"]
@@ -119,3 +122,17 @@ def test_two_runs_are_bit_identical():
   second, _ = run("xla", case, q, k, v, mask)
   np.testing.assert_array_equal(np.asarray(first, np.float32),
                                 np.asarray(second, np.float32))
+
+
+@pytest.mark.parametrize("num_kv_heads, num_heads", [(1, 8), (2, 4)])
+def test_per_head_masks_follow_their_query_head(num_kv_heads, num_heads):
+  case = dict(batch=2, num_heads=num_heads, num_kv_heads=num_kv_heads,
+              head_dim=64, q_len=7, kv_len=12, mask_rank="heads",
+              padding="left", causal=True, sliding_window=None, softcap=None,
+              scale=None, dtype=jnp.float32, seed=1)
+  q, k, v, mask = make_inputs(case)
+  out, grads = run("xla", case, q, k, v, mask)
+  ref_out, ref_grads = run("reference", case, q, k, v, mask)
+  testing.assert_close(out, ref_out)
+  for name, g, ref_g in zip("qkv", grads, ref_grads):
+    testing.assert_close(g, ref_g, grad=True, name=f"d{name}")

@@ -31,10 +31,11 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
   visible = masks.visibility(
       batch=batch, num_heads=num_heads, q_len=q_len, kv_len=kv_len, mask=mask,
       segment_ids=segment_ids, causal=causal, sliding_window=sliding_window)
-  visible = visible.reshape(visible.shape[0], -1, 1, q_len, kv_len)
   if visible.shape[1] == num_heads:  # per-head mask: split heads into groups
     visible = visible.reshape(visible.shape[0], num_kv_heads, group, q_len,
                               kv_len)
+  else:  # one mask for all heads
+    visible = visible[:, :, None]
 
   row_max = jnp.max(jnp.where(visible, logits, -jnp.inf), axis=-1,
                     keepdims=True)
