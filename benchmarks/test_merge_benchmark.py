@@ -51,10 +51,10 @@ print("RESULT " + json.dumps({
 """
 
 _MERGE_JOB = """
-from gemma4_jax.export import commands
-assert commands.main(["merge", "--base", sys.argv[2], "--adapter",
-                      sys.argv[3], "--out", sys.argv[4], "--alpha", "{alpha}",
-                      "--quiet"]) == 0
+from gemma4_jax import cli
+assert cli.main(["merge", "--base", sys.argv[2], "--adapter",
+                 sys.argv[3], "--out", sys.argv[4], "--alpha", "{alpha}",
+                 "--quiet"]) == 0
 """
 
 _TUNIX_JOB = """

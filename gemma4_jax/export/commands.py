@@ -1,7 +1,7 @@
 """`gemma4-jax merge` and `gemma4-jax export-adapter`.
 
-`gemma4_jax.cli` calls `register(subparsers)`; each command's `func` takes
-the parsed arguments and returns the exit code.
+`gemma4_jax.cli.main` (the console script) calls `register(subparsers)`;
+each command's `func` takes the parsed arguments and returns the exit code.
 """
 
 from __future__ import annotations
@@ -121,15 +121,3 @@ def run_export_adapter(args: argparse.Namespace) -> int:
         alpha=args.alpha, force=args.force)
     print(f"exported PEFT adapter -> {out}")
   return _run("export-adapter", body)
-
-
-def main(argv=None) -> int:
-  """Standalone entry (`python -m gemma4_jax.export.commands merge ...`)."""
-  parser = argparse.ArgumentParser(prog="gemma4-jax")
-  register(parser.add_subparsers(dest="command", required=True))
-  args = parser.parse_args(argv)
-  return args.func(args)
-
-
-if __name__ == "__main__":
-  sys.exit(main())

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import numpy as np
 
@@ -114,11 +113,6 @@ def sample_for_probe(names: list[str]) -> list[str]:
     return list(names)
   picks = np.linspace(0, len(names) - 1, PROBE_SAMPLES).round().astype(int)
   return [names[i] for i in sorted(set(picks.tolist()))]
-
-
-def file_sizes(directory: str) -> int:
-  return sum(os.path.getsize(os.path.join(directory, f))
-             for f in os.listdir(directory))
 
 
 __all__ = ["TensorStats", "VerificationError", "check_structure", "probe",

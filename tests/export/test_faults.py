@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 
+from gemma4_jax import cli
 from gemma4_jax import tiny_models
 from gemma4_jax.export import adapter as adapter_lib
 from gemma4_jax.export import commands
@@ -63,7 +64,7 @@ def test_corrupt_header(tiny_run, tmp_path):
     f.seek(8)
     f.write(b"\x00garbage{")
   out = str(tmp_path / "out")
-  assert commands.main(["merge", "--base", str(base), "--adapter",
+  assert cli.main(["merge", "--base", str(base), "--adapter",
                         tiny_run.checkpoint_root, "--out", out, "--alpha",
                         "8", "--quiet"]) == commands.EXIT_ERROR
   _assert_no_output(out)
@@ -150,10 +151,10 @@ def test_existing_output(tiny_run, tmp_path, capsys):
   args = ["merge", "--base", tiny_run.base_dir, "--adapter",
           tiny_run.checkpoint_root, "--out", str(out), "--alpha", "8",
           "--quiet"]
-  assert commands.main(args) == commands.EXIT_ERROR
+  assert cli.main(args) == commands.EXIT_ERROR
   assert "--force" in capsys.readouterr().err
   assert (out / "keep.txt").exists()
-  assert commands.main(args + ["--force"]) == commands.EXIT_OK
+  assert cli.main(args + ["--force"]) == commands.EXIT_OK
   assert not (out / "keep.txt").exists()
   assert os.path.exists(out / safetensors_io.INDEX_NAME)
 
@@ -178,14 +179,15 @@ def test_disk_full_midway(tiny_run, tmp_path, monkeypatch):
 
 _KILLED_CHILD = """
 import sys, time
-from gemma4_jax.export import commands, safetensors_io
+from gemma4_jax import cli
+from gemma4_jax.export import safetensors_io
 original = safetensors_io.copy_range
 def stalled_copy(*args, **kwargs):
   original(*args, **kwargs)
   open(sys.argv[1], "w").close()
   time.sleep(600)
 safetensors_io.copy_range = stalled_copy
-sys.exit(commands.main(sys.argv[2:]))
+sys.exit(cli.main(sys.argv[2:]))
 """
 
 
@@ -212,5 +214,5 @@ def test_killed_process_leaves_no_complete_output(tiny_run, tmp_path):
   assert len(partial) == 1
   assert safetensors_io.INDEX_NAME not in os.listdir(tmp_path / partial[0])
   # A rerun is not confused by the leftover.
-  assert commands.main(args) == commands.EXIT_OK
+  assert cli.main(args) == commands.EXIT_OK
   assert os.path.exists(os.path.join(out, safetensors_io.INDEX_NAME))

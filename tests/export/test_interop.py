@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from gemma4_jax.export import commands
+from gemma4_jax import cli
 from tests.export import conftest
 
 torch = pytest.importorskip("torch")
@@ -28,7 +28,7 @@ def _hf_logits(model, run) -> np.ndarray:
 
 def test_merged_checkpoint_loads_in_transformers(tiny_run, tmp_path):
   out = str(tmp_path / "merged")
-  assert commands.main(["merge", "--base", tiny_run.base_dir, "--adapter",
+  assert cli.main(["merge", "--base", tiny_run.base_dir, "--adapter",
                         tiny_run.checkpoint_root, "--out", out, "--alpha",
                         str(conftest.ALPHA), "--quiet"]) == 0
   with open(os.path.join(out, "config.json")) as f:
@@ -54,7 +54,7 @@ def test_merged_checkpoint_loads_in_transformers(tiny_run, tmp_path):
 
 def test_exported_adapter_loads_with_peft(tiny_run, tmp_path):
   out = str(tmp_path / "peft")
-  assert commands.main(["export-adapter", "--adapter",
+  assert cli.main(["export-adapter", "--adapter",
                         tiny_run.checkpoint_root, "--out", out, "--alpha",
                         str(conftest.ALPHA), "--base",
                         tiny_run.base_dir]) == 0

@@ -16,7 +16,6 @@ from tunix.models.gemma4 import params_safetensors
 from gemma4_jax import cli
 from gemma4_jax import testing
 from gemma4_jax.export import adapter as adapter_lib
-from gemma4_jax.export import commands
 from gemma4_jax.export import hf_writer
 from gemma4_jax.export import mapping
 from gemma4_jax.export import merging
@@ -178,7 +177,7 @@ def test_tied_embedding_adapter_needs_untie(tiny_run, tmp_path):
     merging.merge(tiny_run.base_dir, root, out, alpha=conftest.ALPHA,
                   progress=False)
   assert not os.path.exists(out)
-  assert commands.main(args + ["--untie"]) == 0
+  assert cli.main(args + ["--untie"]) == 0
   merged = safetensors_io.load_checkpoint_index(out)
   base = safetensors_io.load_checkpoint_index(tiny_run.base_dir)
   embed = hf_writer.PREFIX + "embed_tokens.weight"
@@ -197,10 +196,10 @@ def test_tied_embedding_adapter_needs_untie(tiny_run, tmp_path):
 def test_peft_adapter_merges_like_the_tunix_checkpoint(tiny_run, cli_merged,
                                                        tmp_path):
   peft_dir = str(tmp_path / "peft")
-  assert commands.main(["export-adapter", "--adapter",
+  assert cli.main(["export-adapter", "--adapter",
                         tiny_run.checkpoint_root, "--out", peft_dir,
                         "--alpha", str(conftest.ALPHA)]) == 0
   out = str(tmp_path / "merged")
-  assert commands.main(["merge", "--base", tiny_run.base_dir, "--adapter",
+  assert cli.main(["merge", "--base", tiny_run.base_dir, "--adapter",
                         peft_dir, "--out", out, "--quiet"]) == 0
   assert _tensor_bytes(out) == _tensor_bytes(cli_merged)
