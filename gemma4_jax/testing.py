@@ -16,6 +16,8 @@ run, plus a floor of a few float32 ulps of the result's magnitude.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,6 +79,10 @@ MODEL_ERROR_MULTIPLE = 4.0
 # float32 computation may still be this far off; 16 ulps is the error of a
 # short float32 sum, far below any real mistake.
 MODEL_ERROR_FLOOR_ULPS = 16
+# If set, every `assert_model_close` appends one line per leaf to this file:
+# name, patched error, stock error, bound (how the figures in the closing
+# notes and the tolerance docs were measured).
+MODEL_ERROR_LOG_ENV = "GEMMA4_JAX_MODEL_ERROR_LOG"
 
 
 def assert_model_close(actual, stock, stock64, *, name: str = "output",
@@ -122,6 +128,10 @@ def assert_model_close(actual, stock, stock64, *, name: str = "output",
     floor = MODEL_ERROR_FLOOR_ULPS * eps32 * float(np.max(np.abs(r)))
     bound = multiple * noise + floor
     error = np.abs(a - r)
+    if os.environ.get(MODEL_ERROR_LOG_ENV):
+      with open(os.environ[MODEL_ERROR_LOG_ENV], "a") as log:
+        log.write(f"{where}\t{np.max(error):.6g}\t{noise:.6g}\t"
+                  f"{bound:.6g}\n")
     if float(np.max(error)) > bound:
       worst = np.unravel_index(np.argmax(error), error.shape)
       raise AssertionError(
