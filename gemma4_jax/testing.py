@@ -70,10 +70,14 @@ def assert_close(actual, reference, *, dtype=None, grad: bool = False,
 
 # A patched float32 model may be this many times further from float64 than
 # stock float32 is. Another summation order (online softmax, blockwise
-# matmuls) gives errors of the same size, not the same errors; 4 leaves room
-# for the max over a small tensor landing on a different element. Measured
-# ratios are in tests/patches/test_model_tolerance.py's docstring.
-MODEL_ERROR_MULTIPLE = 4.0
+# matmuls) gives errors of the same size, not the same errors, and the max
+# over a small tensor (a rank-4 LoRA factor) lands on different elements.
+# Measured on the attention patch's 99 comparisons of logits and LoRA
+# gradients (Intel Xeon, 2026-11-22, GEMMA4_JAX_MODEL_ERROR_LOG): the largest
+# ratio was 3.1 under --xla_cpu_max_isa=SSE4_2 and 2.4 under AVX2 and the
+# default; 8 leaves 2.5x headroom, while a real mistake (a wrong mask, a
+# missing scale) is 100x or more over.
+MODEL_ERROR_MULTIPLE = 8.0
 # The floor, in float32 ulps of max|float64 result|: when stock float32
 # happens to round almost exactly (small or simple tensors), a correct
 # float32 computation may still be this far off; 16 ulps is the error of a

@@ -103,6 +103,7 @@ def apply(*, attention: bool = True, ple: bool = True, lora: bool = True,
         reports.append(TargetReport(
             feature, target.name, _framework.PATCHED,
             f"{target.distribution} {version}"
+            f"{f', {target.known_layout} layout' if target.known_layout else ''}"
             f"{'' if known else ', untested version'}"))
     _framework.install(tuple(plan), options)
   return PatchReport(

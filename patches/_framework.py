@@ -77,6 +77,9 @@ class Target:
     attribute: "Owner.name" or "name" inside `module`.
     distribution: the PyPI distribution shipping `module`.
     known_versions: versions of `distribution` tested with this target.
+    known_layout: set when the layout found, not the version string, is what
+      was tested (Tunix main's code imported over google-tunix 0.1.7's
+      metadata): its name, and the target counts as known.
     known_to_work: for error messages, every version/layout the feature
       supports ("google-tunix 0.1.7 (tunix.models.gemma4.model)").
     requirements: what `make_replacement` relies on.
@@ -90,6 +93,7 @@ class Target:
   known_to_work: str
   requirements: tuple[Requirement, ...]
   make_replacement: Callable[[Callable, OpOptions], Callable]
+  known_layout: str | None = None
 
   @property
   def name(self) -> str:
@@ -217,7 +221,7 @@ def check(target: Target, *, warn: bool = True) -> bool:
         f"gemma4_jax.patches cannot patch {target.feature} ({target.name}) "
         f"on {target.distribution} {version}: " + "; ".join(problems) +
         f". Known to work: {target.known_to_work}. Nothing was patched.")
-  known = version in target.known_versions
+  known = target.known_layout is not None or version in target.known_versions
   if not known and warn:
     warnings.warn(
         f"gemma4_jax.patches: {target.distribution} {version} is not among "

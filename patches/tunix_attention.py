@@ -21,8 +21,8 @@ Two layouts are supported, told apart by which module exists: google-tunix
 `tunix.models.gemma4.attention` and whose `block` also takes `segment_ids`.
 Given `segment_ids`, a query sees only keys of its own segment, as in Tunix
 main's flash path (its dense path ignores them). Tunix main cannot be
-installed from PyPI; its layout was read at commit c7d8950 and is checked
-structurally, not run.
+installed from PyPI; the tests run this patch against its copy at commit
+c7d8950f (`../shared/tunix-main`, tests/tunix_main/).
 """
 
 from __future__ import annotations
@@ -60,22 +60,28 @@ class Layout:
   takes_segment_ids: bool
   known_versions: tuple[str, ...]
   description: str
+  # Set when this layout, whatever the installed version string, is what was
+  # tested (see `_framework.Target.known_layout`).
+  known_layout: str | None = None
 
 
 LAYOUTS = (
+    # Tunix main is not on PyPI: its code is imported over google-tunix
+    # 0.1.7's metadata, so the version string cannot identify it. Tested at
+    # commit c7d8950f (tests/tunix_main/).
     Layout(module="tunix.models.gemma4.attention",
            config_module="tunix.models.gemma4.config",
            takes_segment_ids=True, known_versions=(),
-           description="Tunix main (split attention.py), checked "
-           "structurally only"),
+           description="Tunix main (split attention.py)",
+           known_layout="Tunix main c7d8950f"),
     Layout(module="tunix.models.gemma4.model",
            config_module="tunix.models.gemma4.model",
            takes_segment_ids=False, known_versions=("0.1.7",),
            description="google-tunix 0.1.7 (tunix.models.gemma4.model)"),
 )
 KNOWN_TO_WORK = "; ".join(
-    f"{DISTRIBUTION} {', '.join(layout.known_versions)} ({layout.module})"
-    for layout in LAYOUTS if layout.known_versions)
+    f"{layout.known_layout or DISTRIBUTION + ' ' + ', '.join(layout.known_versions)}"
+    f" ({layout.module})" for layout in LAYOUTS)
 
 
 def detect_layout() -> Layout:
@@ -128,7 +134,7 @@ def target() -> _framework.Target:
       feature=FEATURE, module=layout.module, attribute="Attention.block",
       distribution=DISTRIBUTION, known_versions=layout.known_versions,
       known_to_work=KNOWN_TO_WORK, requirements=requirements,
-      make_replacement=make_replacement)
+      make_replacement=make_replacement, known_layout=layout.known_layout)
 
 
 def _make_block(original: Callable, module, options: _framework.OpOptions, *,

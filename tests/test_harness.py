@@ -25,6 +25,34 @@ def test_assert_close_uses_the_dtype_table():
     testing.assert_close(ref[:2], ref, dtype=jnp.float32)
 
 
+def test_assert_model_close_bounds_by_stock_float32_error():
+  stock64 = np.linspace(-2.0, 2.0, 101)
+  noise = np.where(np.arange(101) == 50, 1e-4, 0.0)  # stock's float32 error
+  stock = stock64 + noise
+  floor = testing.MODEL_ERROR_FLOOR_ULPS * np.finfo(np.float32).eps * 2.0
+  bound = testing.MODEL_ERROR_MULTIPLE * 1e-4 + floor
+  # The error may sit on another element than stock's, up to the bound.
+  error, got_bound = testing.assert_model_close(
+      stock64 - 0.99 * bound * (np.arange(101) == 3), stock, stock64)
+  np.testing.assert_allclose((error, got_bound), (0.99 * bound, bound))
+  with pytest.raises(AssertionError, match=r"bound is 8 x 0.0001"):
+    testing.assert_model_close(stock64 + 1.01 * bound, stock, stock64)
+  # Stock exact: only the floor of a few ulps of max|stock64| is allowed.
+  testing.assert_model_close(stock64 + 0.9 * floor, stock64, stock64)
+  with pytest.raises(AssertionError, match="from float64"):
+    testing.assert_model_close(stock64 + 1.1 * floor, stock64, stock64)
+  # Pytrees, leaf by leaf, named in the error.
+  tree = lambda x: {"a": x, "b": [2 * stock64]}
+  testing.assert_model_close(tree(stock), tree(stock), tree(stock64))
+  with pytest.raises(AssertionError, match=r"grads\['b'\]\[0\]"):
+    testing.assert_model_close({"a": stock, "b": [2 * stock64 + 1e-3]},
+                               tree(stock), tree(stock64), name="grads")
+  with pytest.raises(AssertionError, match="structure"):
+    testing.assert_model_close({"a": stock}, tree(stock), tree(stock64))
+  with pytest.raises(AssertionError, match="non-finite"):
+    testing.assert_model_close(stock * np.nan, stock, stock64)
+
+
 @pytest.mark.parametrize("head_dim, window", [(256, 512), (512, None)])
 def test_attention_lowers_for_tpu_at_e2b_shapes(head_dim, window):
   # E2B: 8 query heads, 1 KV head; no 1/sqrt(H) scale; 4 x 1024 tokens.

@@ -1,9 +1,10 @@
 """apply / revert / applied / status and the target checks, on real Tunix.
 
 The "changed target" cases change the installed Tunix module in place with
-monkeypatch (restored after each test). Tunix main's split layout cannot be
-installed here; `test_split_layout_detection_and_checks` exercises only the
-detection and checking logic on a module put together from 0.1.7's parts.
+monkeypatch (restored after each test). These tests are about google-tunix
+0.1.7 as installed; tests/tunix_main/ runs the patches against Tunix main's
+real code. `test_split_layout_detection_and_checks` checks detection and
+checking on a module put together from 0.1.7's parts.
 """
 
 import importlib.machinery
@@ -215,11 +216,12 @@ def test_bad_arguments(kwargs, error, match):
 
 
 def test_split_layout_detection_and_checks(monkeypatch):
-  """Tunix main's layout: found by its module, checked by its signature.
+  """Tunix main's layout: found by its module, checked by its signature,
+  known by its layout although the version string says 0.1.7.
 
-  Only detection and checking: the module is assembled from 0.1.7's parts
-  with `block` taking `segment_ids`, as in Tunix main's attention.py; the
-  patched block for this layout is not run here.
+  The module is assembled from 0.1.7's parts with `block` taking
+  `segment_ids`, as in Tunix main's attention.py; tests/tunix_main/ runs the
+  real one.
   """
   class Attention(gemma4_lib.Attention):
     def block(self, x, segment_pos, cache, attn_mask, kv_shared_cache=None,
@@ -243,15 +245,15 @@ def test_split_layout_detection_and_checks(monkeypatch):
 
   status = patches.status().targets[0]
   assert status.target == "tunix.models.gemma4.attention:Attention.block"
-  assert status.available and not status.version_known
+  assert status.available and status.version_known and status.version == "0.1.7"
   split_block = Attention.__dict__["block"]
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # a known layout: no untested warning
     with patches.applied() as report:
       assert report.patched == (status.target,)
+      assert "Tunix main c7d8950f layout" in report.targets[0].reason
       assert Attention.__dict__["block"].__wrapped__ is split_block
       assert gemma4_lib.Attention.block is ORIGINAL
-  assert any("not among the versions" in str(w.message) for w in caught)
   assert Attention.__dict__["block"] is split_block
 
   def old_block(self, x, segment_pos, cache, attn_mask, kv_shared_cache=None):
