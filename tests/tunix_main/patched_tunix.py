@@ -6,7 +6,10 @@ before the first test and reverts them after the last. It also wraps the
 top-level `Gemma4.__call__`: every eager call (Tunix's forward-pass tests)
 is run again stock in float32 and in float64, and the patched logits are held
 to `testing.assert_model_close`, so Tunix's tests check values, not only
-shapes. Calls under a trace (jitted training steps) are left alone, and so
+shapes. Tunix main computes RMSNorm, RoPE and the final logits in float32
+whatever the config's dtype, so its float64 run is float64 everywhere else:
+still far more exact than float32, which is all the bound needs (the last
+cast to float32 is covered by the bound's floor). Calls under a trace (jitted training steps) are left alone, and so
 are models with a part that cannot run in float64 (Tunix's audio encoder
 rejects float64 inputs) or too large for a float64 copy on a 24 GB machine
 (the 12B test's 1G-entry embedding); the summary names them.
@@ -102,7 +105,6 @@ def _compare(model, args, kwargs, logits):
         _NOT_COMPARED.append((test, f"no float64 run: {e}"))
         return
       stock64 = jax.device_get(stock64)
-  assert stock64.dtype == jnp.float64, stock64.dtype
   error, bound = testing.assert_model_close(logits, stock, stock64,
                                             name=f"{test}: logits")
   _COMPARED.append((test, error, bound))
