@@ -211,6 +211,43 @@ def per_layer_inputs(embeddings, tokens, per_layer_table, model_projection,
       num_layers=num_layers, per_layer_dim=per_layer_dim)
 
 
+def combine_per_layer_inputs(projected, rows, projection_norm_scale):
+  """The per-layer-input combine after the projection matmul, fused.
+
+  `(rms_norm(projected) * norm_scale + sqrt(P) * rows) * rsqrt(2)`, the norm
+  over P in float32 (Tunix's casts); the backward pass keeps `projected` as
+  its only residual. For callers whose projection is its own module (a qwix
+  LoRA'd Einsum); `per_layer_inputs` is the whole computation. One XLA
+  elementwise fusion on every platform (it has no implementation choice).
+
+  Args:
+    projected: `embeddings @ (model_projection * D**-0.5)` as `[B, T, L, P]`,
+      floating (the compute dtype).
+    rows: `ple_lookup(...)`, `[B, T, L, P]`.
+    projection_norm_scale: `[P]`.
+
+  Returns:
+    `[B, T, L, P]` in `result_type(projected, rows)`.
+
+  Raises:
+    ValueError / TypeError: naming the argument and expected vs actual.
+  """
+  if getattr(projected, "ndim", None) != 4:
+    raise ValueError(f"projected must be [B, T, L, P], got shape "
+                     f"{getattr(projected, 'shape', type(projected))}")
+  for name, value in (("projected", projected), ("rows", rows)):
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+      raise TypeError(f"{name} must be floating, got {value.dtype}")
+  if getattr(rows, "shape", None) != projected.shape:
+    raise ValueError(f"rows must have projected's shape {projected.shape}, "
+                     f"got {getattr(rows, 'shape', None)}")
+  if getattr(projection_norm_scale, "shape", None) != projected.shape[-1:]:
+    raise ValueError(f"projection_norm_scale must be [P] = "
+                     f"{projected.shape[-1:]}, got shape "
+                     f"{getattr(projection_norm_scale, 'shape', None)}")
+  return ple_combine.normalize_and_add(projected, rows, projection_norm_scale)
+
+
 def _check_ple_args(per_layer_table, tokens, *, num_layers, per_layer_dim,
                     mesh, table_spec):
   for name, value in (("num_layers", num_layers),

@@ -1,4 +1,4 @@
-"""Fused per-layer-input combine: projection, RMS norm, rows, in one op.
+"""Fused per-layer-input combine: RMS norm of the projection plus the rows.
 
 `(rms_norm(x @ (W * D**-0.5)) * scale + rows * sqrt(P)) * rsqrt(2)`, with
 Tunix's dtype casts: the projection runs in the embeddings' dtype, the norm
@@ -7,14 +7,15 @@ table's dtype, and the sum is in their promoted dtype.
 
 Autodiff of Tunix's expression keeps several `[B, T, L, P]` intermediates
 alive for the backward pass (the projection, its float32 copy, the inverse
-RMS, the normed values). Here a `custom_vjp` keeps only the projection,
-written once by the matmul, and the backward pass recomputes the rest in one
-elementwise pass: the `[B, T, L, P]` intermediates are written once.
+RMS, the normed values). Here the part after the matmul is one `custom_vjp`
+whose only residual is the projection, which the matmul writes anyway; its
+forward and backward passes are each one elementwise pass, so the
+`[B, T, L, P]` intermediates are written once. The matmul stays a matmul
+(XLA's, or the caller's: a qwix-LoRA'd Einsum passes its own projection).
 """
 
 from __future__ import annotations
 
-import functools
 import math
 
 import jax
@@ -25,7 +26,7 @@ RMS_NORM_EPS = 1e-6
 
 def per_layer_inputs(embeddings, rows, model_projection, projection_norm_scale,
                      *, num_layers: int, per_layer_dim: int):
-  """The combine, given the gathered rows.
+  """The whole combine, given the gathered rows.
 
   Args:
     embeddings: `[B, T, D]`, floating (the compute dtype).
@@ -37,19 +38,25 @@ def per_layer_inputs(embeddings, rows, model_projection, projection_norm_scale,
   Returns:
     `[B, T, L, P]` in `result_type(embeddings, rows)` (Tunix's dtype).
   """
-  return _combine(embeddings, rows, model_projection, projection_norm_scale,
-                  (num_layers, per_layer_dim))
+  embed_dim = embeddings.shape[-1]
+  w = (model_projection * embed_dim ** -0.5).astype(embeddings.dtype)
+  w = w.reshape(embed_dim, num_layers, per_layer_dim)
+  projected = jnp.einsum("btd,dlp->btlp", embeddings, w)
+  return normalize_and_add(projected, rows, projection_norm_scale)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _combine(x, rows, w, scale, dims):
-  return _combine_fwd(x, rows, w, scale, dims)[0]
+def normalize_and_add(projected, rows, projection_norm_scale):
+  """`(rms_norm(projected) * scale + rows * sqrt(P)) * rsqrt(2)`, fused.
 
+  Args:
+    projected: `[B, T, L, P]` in the compute dtype.
+    rows: `[B, T, L, P]` in the table's dtype.
+    projection_norm_scale: `[P]`.
 
-def _project(x, w, dims):
-  embed_dim = x.shape[-1]
-  w = (w * embed_dim ** -0.5).astype(x.dtype).reshape(embed_dim, *dims)
-  return jnp.einsum("btd,dlp->btlp", x, w), w
+  Returns:
+    `[B, T, L, P]` in `result_type(projected, rows)`.
+  """
+  return _normalize_and_add(projected, rows, projection_norm_scale)
 
 
 def _normalize(projected, scale):
@@ -59,34 +66,31 @@ def _normalize(projected, scale):
   return p32, inv_rms, p32 * inv_rms * scale.astype(jnp.float32)
 
 
-def _combine_fwd(x, rows, w, scale, dims):
-  projected, _ = _project(x, w, dims)
+@jax.custom_vjp
+def _normalize_and_add(projected, rows, scale):
+  return _normalize_and_add_fwd(projected, rows, scale)[0]
+
+
+def _normalize_and_add_fwd(projected, rows, scale):
   _, _, normed = _normalize(projected, scale)
-  normed = normed.astype(x.dtype)
-  per_layer_dim = dims[1]
-  scaled_rows = rows * jnp.asarray(math.sqrt(per_layer_dim), rows.dtype)
-  out = (normed + scaled_rows) * jnp.asarray(2.0 ** -0.5, x.dtype)
-  residuals = (x, w, scale, projected, jax.ShapeDtypeStruct((), rows.dtype))
+  scaled_rows = rows * jnp.asarray(math.sqrt(rows.shape[-1]), rows.dtype)
+  out = ((normed.astype(projected.dtype) + scaled_rows)
+         * jnp.asarray(2.0 ** -0.5, projected.dtype))
+  residuals = (projected, scale, jax.ShapeDtypeStruct((), rows.dtype))
   return out, residuals
 
 
-def _combine_bwd(dims, residuals, d_out):
-  x, w, scale, projected, rows_dtype = residuals
-  embed_dim = x.shape[-1]
+def _normalize_and_add_bwd(residuals, d_out):
+  projected, scale, rows_dtype = residuals
   d_sum = d_out.astype(jnp.float32) * 2.0 ** -0.5
-  d_rows = (d_sum * math.sqrt(dims[1])).astype(rows_dtype.dtype)
+  d_rows = (d_sum * math.sqrt(projected.shape[-1])).astype(rows_dtype.dtype)
   p32, inv_rms, _ = _normalize(projected, scale)
-  d_scale = jnp.sum(d_sum * p32 * inv_rms, axis=(0, 1, 2))
+  d_scale = jnp.sum(d_sum * p32 * inv_rms, axis=tuple(range(p32.ndim - 1)))
   d_unit = d_sum * scale.astype(jnp.float32)  # d of p32 * inv_rms
   d_p32 = inv_rms * (d_unit - p32 * jnp.square(inv_rms) *
                      jnp.mean(d_unit * p32, axis=-1, keepdims=True))
-  d_projected = d_p32.astype(x.dtype)
-  _, w_used = _project(x, w, dims)
-  d_x = jnp.einsum("btlp,dlp->btd", d_projected, w_used)
-  d_w = jnp.einsum("btd,btlp->dlp", x, d_projected)
-  d_w = (d_w.astype(jnp.float32) * embed_dim ** -0.5).reshape(w.shape)
-  return (d_x.astype(x.dtype), d_rows, d_w.astype(w.dtype),
+  return (d_p32.astype(projected.dtype), d_rows,
           d_scale.astype(scale.dtype))
 
 
-_combine.defvjp(_combine_fwd, _combine_bwd)
+_normalize_and_add.defvjp(_normalize_and_add_fwd, _normalize_and_add_bwd)
