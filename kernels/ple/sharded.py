@@ -17,10 +17,15 @@ google-tunix 0.1.7, `('tp', 'fsdp')` for `[V, L*P]` in Tunix main), so both
 modes run at once: vocab-parallel over `tp`, feature-parallel over `fsdp`.
 The alternative, resharding the table to one mode, would move the table
 itself (gigabytes) every step; the ids (kilobytes) are replicated instead.
+When the two axes have the same size (Tunix's meshes), the rows then swap
+axes once (`_transpose_plan`) so they leave in the layout of Tunix's
+projection (tokens over fsdp, features over tp) and the combine needs no
+resharding: at E2B on a 2x2 mesh the step's collectives are 0.49x stock's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Callable
 
@@ -76,6 +81,7 @@ def sharded_lookup(per_layer_table, tokens, *, num_layers: int,
   ids = ple_xla.valid_ids(tokens, vocab_size)
   shards = math.prod(mesh.shape[a] for a in vocab_axes)
   scatter = bool(vocab_axes) and ids.shape[0] % shards == 0
+  transpose = _transpose_plan(spec, vocab_axes, mesh) if scatter else None
 
   def local(table_block, ids):
     rows_here = table_block.shape[0]
@@ -88,14 +94,56 @@ def sharded_lookup(per_layer_table, tokens, *, num_layers: int,
       return rows
     rows = jnp.where(mine.reshape(-1, *(1,) * (rows.ndim - 1)), rows,
                      jnp.zeros((), rows.dtype))
-    if scatter:
-      return jax.lax.psum_scatter(rows, vocab_axes, scatter_dimension=0,
-                                  tiled=True)
-    return jax.lax.psum(rows, vocab_axes)
+    if not scatter:
+      return jax.lax.psum(rows, vocab_axes)
+    rows = jax.lax.psum_scatter(rows, vocab_axes, scatter_dimension=0,
+                                tiled=True)
+    if transpose is not None:
+      rows = jax.lax.ppermute(rows, transpose.axes, transpose.permutation)
+    return rows
 
-  token_spec = (vocab_axes or None) if scatter else None
+  if transpose is not None:
+    out_spec = transpose.out_spec
+  else:
+    out_spec = P((vocab_axes or None) if scatter else None, *spec[1:])
   rows = jax.shard_map(
-      local, mesh=mesh, in_specs=(P(*spec), P()),
-      out_specs=P(token_spec, *spec[1:]), check_vma=False,
+      local, mesh=mesh, in_specs=(P(*spec), P()), out_specs=out_spec,
+      check_vma=False,
   )(per_layer_table, ids)
   return rows.reshape(*tokens.shape, num_layers, per_layer_dim)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Transpose:
+  axes: tuple[str, str]
+  permutation: tuple[tuple[int, int], ...]
+  out_spec: P
+
+
+def _transpose_plan(spec, vocab_axes, mesh) -> _Transpose | None:
+  """Swaps the two axes' roles in the output when the table is split over
+  one vocab axis and one feature axis of the same size (Tunix's default).
+
+  After the reduce-scatter, device (f, t) of the ('fsdp', 'tp') mesh holds
+  token block t and feature block f; Tunix's activations are batch-sharded
+  over fsdp and feature-sharded over tp, which is the transpose. One
+  ppermute (f, t) -> (t, f) of the rows (bf16, 1/4 of them per device) hands
+  the combine its rows in the projection's own layout, where XLA would
+  otherwise reshard both the rows and the projection in float32.
+  """
+  feature_dims = [i for i, s in enumerate(spec) if i and s is not None]
+  if len(vocab_axes) != 1 or len(feature_dims) != 1:
+    return None
+  feature = spec[feature_dims[0]]
+  feature = feature if isinstance(feature, str) else (
+      feature[0] if len(feature) == 1 else None)
+  (vocab,) = vocab_axes
+  if feature is None or mesh.shape[feature] != mesh.shape[vocab]:
+    return None
+  n = mesh.shape[vocab]
+  axes = (feature, vocab)  # linear index = f * n + t over these two axes
+  permutation = tuple((f * n + t, t * n + f) for f in range(n)
+                      for t in range(n))
+  out = [None] * len(spec)
+  out[0], out[feature_dims[0]] = feature, vocab
+  return _Transpose(axes, permutation, P(*out))
