@@ -197,3 +197,22 @@ def test_cpu_step_time(benchmark, mode):
   benchmark.group = "PLE step, 4x256 tokens, D=256, L=35, P=256, bf16"
   with patches.applied(attention=False, ple=ple, implementation="xla"):
     _timed_step(embedder, x, ids, benchmark)
+
+
+def test_e2b_combine_temp_bytes_single_device():
+  """What the fused combine saves: the step's temporaries on one device."""
+  config = _config()
+  temps = {}
+  for name, ple in (("stock", False), ("fused", True)):
+    embedder = _abstract_embedder(config)
+    graphdef, projection, rest = _split(embedder)
+    x = jax.ShapeDtypeStruct((*TOKENS, config.embed_dim), jnp.bfloat16)
+    tokens = jax.ShapeDtypeStruct(TOKENS, jnp.int32)
+    with patches.applied(attention=False, ple=ple, implementation="xla"):
+      compiled = jax.jit(_step(graphdef)).lower(projection, rest, x,
+                                                tokens).compile()
+    temps[name] = compiled.memory_analysis().temp_size_in_bytes
+  print(f"\nE2B PLE step on one device, temp bytes: stock "
+        f"{temps['stock'] / 2**20:.1f} MiB, fused "
+        f"{temps['fused'] / 2**20:.1f} MiB "
+        f"({temps['fused'] / temps['stock']:.2f}x)")

@@ -117,7 +117,9 @@ def ple_lookup(per_layer_table, tokens, *, num_layers, per_layer_dim,
   Args:
     per_layer_table: `[V, L, P]` (google-tunix 0.1.7) or `[V, L*P]` (Tunix
       main), or a `HostTable` (host-resident; only the rows move to the
-      device, `implementation` does not apply).
+      device, `implementation` does not apply; with `mesh`, each device
+      fetches its own block of rows in the layout the sharded lookup hands
+      over, `table_spec` being where the table would live on the mesh).
     tokens: integer ids `[B, T]`.
     num_layers, per_layer_dim: L and P.
     mesh: with `table_spec`, look up inside `shard_map` over this mesh
@@ -139,7 +141,14 @@ def ple_lookup(per_layer_table, tokens, *, num_layers, per_layer_dim,
   row_shape = per_layer_table.shape[1:]
   if isinstance(per_layer_table, ple_host.HostTable):
     ids = ple_xla.valid_ids(tokens, per_layer_table.shape[0])
-    rows = ple_host.host_lookup(per_layer_table, ids, row_shape=row_shape)
+    out_spec = None if mesh is None else ple_sharded.activation_spec(
+        table_spec, len(row_shape) + 1, mesh, ids.shape[0])
+    if out_spec is not None:
+      rows = ple_host.sharded_host_lookup(per_layer_table, ids,
+                                          row_shape=row_shape, mesh=mesh,
+                                          out_spec=out_spec)
+    else:
+      rows = ple_host.host_lookup(per_layer_table, ids, row_shape=row_shape)
     return rows.reshape(*tokens.shape, num_layers, per_layer_dim)
   name = implementations.resolve("ple_lookup", implementation, _PLE,
                                  interpret=interpret)

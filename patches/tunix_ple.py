@@ -167,8 +167,7 @@ def _make_encode_per_layer_input(original: Callable,
     projected = self.per_layer_model_projection(x)
     projected = projected.reshape(*projected.shape[:2], num_layers,
                                   per_layer_dim)
-    mesh, spec = (None, None) if host else _mesh_and_spec(
-        config.shd_config.per_layer_input_embedding)
+    mesh, spec = _mesh_and_spec(config.shd_config.per_layer_input_embedding)
     rows = ops.ple_lookup(table, t, num_layers=num_layers,
                           per_layer_dim=per_layer_dim, mesh=mesh,
                           table_spec=spec,

@@ -2,6 +2,7 @@
 `ops.per_layer_inputs`, bit-identical to the device path."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -91,3 +92,29 @@ def test_host_table_is_one_zero_size_leaf_and_rejects_indexing():
     host[jnp.zeros((2, 3), jnp.int32)]  # pylint: disable=pointless-statement
   with pytest.raises(ValueError, match=r"\[V, L, P\] or \[V, L\*P\]"):
     HostTable(np.ones(5))
+
+
+@pytest.mark.parametrize("shape, spec", [
+    ((16, LAYERS, DIM), ("tp", None, "fsdp")),  # V divides over tp, as E2B's
+    ((16, LAYERS * DIM), ("tp", "fsdp")),
+], ids=["per_layer", "flat"])
+def test_host_lookup_on_a_mesh_gathers_each_devices_block(shape, spec):
+  from gemma4_jax import testing  # pylint: disable=g-import-not-at-top
+  mesh = testing.simulated_mesh()
+  table = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+  tokens = jnp.concatenate([_tokens(), _tokens()[:, :1]], axis=1)  # 16
+  lookup = jax.jit(functools.partial(
+      ops.ple_lookup, num_layers=LAYERS, per_layer_dim=DIM, mesh=mesh,
+      table_spec=spec))
+  out = lookup(HostTable(table), tokens)
+  expected = ple_reference.ple_lookup(jnp.asarray(table), tokens,
+                                      num_layers=LAYERS, per_layer_dim=DIM)
+  np.testing.assert_array_equal(out, expected)
+  device = lookup(jnp.asarray(table), tokens)
+  assert out.sharding.is_equivalent_to(device.sharding, out.ndim)
+  if len(shape) == 3:
+    # (The flat table's feature split is mid-layer at odd L, so the reshape
+    # to [B, T, L, P] reshards; Tunix main's projection reshape does too.)
+    hlo = lookup.lower(HostTable(table), tokens).compile().as_text()
+    assert not re.search(r" (all-gather|all-reduce|all-to-all)(-start)?\(",
+                         hlo), "the host rows should need no collective"

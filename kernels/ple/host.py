@@ -28,10 +28,12 @@ someone differentiates with respect to the frozen table.
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from gemma4_jax.export import safetensors_io
@@ -118,6 +120,41 @@ class HostTable:
 def host_lookup(table: HostTable, ids, *, row_shape: tuple[int, ...]):
   """Rows `[N, *row_shape]` of in-range int32 ids `[N]`, gathered on host."""
   return _host_rows(table.marker, ids, table._data, row_shape)  # pylint: disable=protected-access
+
+
+def sharded_host_lookup(table: HostTable, ids, *, row_shape, mesh, out_spec):
+  """`host_lookup` inside `shard_map`: each device's callback gathers only
+  its own block of `out_spec` (its tokens, its columns) from host memory, so
+  the rows arrive already sharded and no device collects them for others."""
+  spec = tuple(out_spec) + (None,) * (1 + len(row_shape) - len(out_spec))
+
+  def axes_of(entry):
+    return () if entry is None else (entry,) if isinstance(entry, str) else (
+        tuple(entry))
+
+  sizes = [math.prod(mesh.shape[a] for a in axes_of(e)) for e in spec]
+  block = (ids.shape[0] // sizes[0],
+           *(n // k for n, k in zip(row_shape, sizes[1:])))
+  data = table._data  # pylint: disable=protected-access
+
+  def local(marker, ids_block):
+    starts = jnp.stack([
+        (jax.lax.axis_index(axes_of(e)) if axes_of(e) else 0) * n
+        for e, n in zip(spec[1:], block[1:])]).astype(jnp.int32)
+
+    def gather(host_ids, host_starts):
+      rows = np.take(data.array, np.asarray(host_ids), axis=0)
+      window = tuple(slice(int(s), int(s) + n)
+                     for s, n in zip(np.asarray(host_starts), block[1:]))
+      return np.ascontiguousarray(rows[(slice(None), *window)])
+
+    out = jax.ShapeDtypeStruct(block, marker.dtype)
+    rows = jax.pure_callback(gather, out, ids_block, starts,
+                             vmap_method="sequential")
+    return _frozen(marker, rows)
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(), P(spec[0])),
+                       out_specs=P(*spec), check_vma=False)(table.marker, ids)
 
 
 def _host_rows(marker, ids, data, row_shape):

@@ -120,6 +120,18 @@ class _Transpose:
   out_spec: P
 
 
+def activation_spec(table_spec, ndim: int, mesh, num_tokens: int):
+  """The rows' `PartitionSpec` the sharded lookup hands over on a square
+  mesh (tokens over the table's feature axis, features over its vocab axis:
+  Tunix's projection layout), or None when it keeps the table's layout."""
+  vocab_axes, _ = table_axes(table_spec, ndim, mesh)
+  spec = tuple(table_spec) + (None,) * (ndim - len(tuple(table_spec)))
+  plan = _transpose_plan(spec, vocab_axes, mesh)
+  if plan is None or num_tokens % mesh.shape[vocab_axes[0]]:
+    return None
+  return plan.out_spec
+
+
 def _transpose_plan(spec, vocab_axes, mesh) -> _Transpose | None:
   """Swaps the two axes' roles in the output when the table is split over
   one vocab axis and one feature axis of the same size (Tunix's default).
