@@ -126,7 +126,8 @@ def ple_lookup(per_layer_table, tokens, *, num_layers, per_layer_dim,
       without gathering the table (see `kernels/ple/sharded.py` for the
       vocab- and feature-parallel modes).
     table_spec: the table's `PartitionSpec` over `mesh`.
-    implementation: None, "pallas_tpu", "xla" or "reference".
+    implementation: None, "pallas_tpu", "xla" or "reference" (the
+      unsharded float32 oracle; it ignores `mesh`).
     interpret: run the Pallas kernel in interpret mode (CPU).
 
   Returns:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from gemma4_jax import ops
+from gemma4_jax import testing
 from gemma4_jax.export import safetensors_io
 from gemma4_jax.kernels.ple.host import HostTable
 from gemma4_jax.reference import ple as ple_reference
@@ -99,7 +100,6 @@ def test_host_table_is_one_zero_size_leaf_and_rejects_indexing():
     ((16, LAYERS * DIM), ("tp", "fsdp")),
 ], ids=["per_layer", "flat"])
 def test_host_lookup_on_a_mesh_gathers_each_devices_block(shape, spec):
-  from gemma4_jax import testing  # pylint: disable=g-import-not-at-top
   mesh = testing.simulated_mesh()
   table = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
   tokens = jnp.concatenate([_tokens(), _tokens()[:, :1]], axis=1)  # 16

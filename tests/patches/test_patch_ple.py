@@ -179,6 +179,12 @@ def test_jit_inside_simulated_mesh_with_tunix_table_sharding(lora_model,
     logits = _logits(model, inputs)
   testing.assert_model_close(logits, stock["logits"], stock["logits64"],
                              name="logits under the mesh")
+  # Host mode under the mesh: each device fetches its own block of rows.
+  tunix_ple.offload_table(model)
+  with patches.applied(attention=False, ple="host"), jax.set_mesh(mesh):
+    host_logits = _logits(model, inputs)
+  testing.assert_model_close(host_logits, stock["logits"], stock["logits64"],
+                             name="host-mode logits under the mesh")
 
 
 def test_report_revert_and_switching_modes(lora_model, inputs):
