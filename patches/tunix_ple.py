@@ -164,14 +164,16 @@ def _make_encode_per_layer_input(original: Callable,
           + ("call gemma4_jax.patches.tunix_ple.offload_table(model) first"
              if host else "apply(ple='host') to read a host-resident table"))
     num_layers, per_layer_dim = config.num_layers, config.per_layer_input_dim
-    projected = self.per_layer_model_projection(x)
-    projected = projected.reshape(*projected.shape[:2], num_layers,
-                                  per_layer_dim)
     mesh, spec = _mesh_and_spec(config.shd_config.per_layer_input_embedding)
+    # The rows depend on the ids only: issued first, a host fetch can overlap
+    # the projection.
     rows = ops.ple_lookup(table, t, num_layers=num_layers,
                           per_layer_dim=per_layer_dim, mesh=mesh,
                           table_spec=spec,
                           **({} if host else options.op_kwargs))
+    projected = self.per_layer_model_projection(x)
+    projected = projected.reshape(*projected.shape[:2], num_layers,
+                                  per_layer_dim)
     return ops.combine_per_layer_inputs(
         projected, rows, self.per_layer_projection_norm.scale.value)
 
