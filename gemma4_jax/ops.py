@@ -12,14 +12,23 @@ import jax.numpy as jnp
 from gemma4_jax import implementations
 from gemma4_jax import masks
 from gemma4_jax.kernels.attention import xla as attention_xla
+from gemma4_jax.kernels.ple import combine as ple_combine
+from gemma4_jax.kernels.ple import host as ple_host
+from gemma4_jax.kernels.ple import pallas_tpu as ple_pallas
+from gemma4_jax.kernels.ple import sharded as ple_sharded
+from gemma4_jax.kernels.ple import xla as ple_xla
 from gemma4_jax.reference import attention as attention_reference
+from gemma4_jax.reference import ple as ple_reference
 
 _ATTENTION = {
     implementations.XLA: attention_xla.attention,
     implementations.REFERENCE: attention_reference.attention,
 }
 # op name -> implementations it has, in order of preference.
-AVAILABLE = {"attention": tuple(_ATTENTION)}
+_PLE = (implementations.PALLAS_TPU, implementations.XLA,
+        implementations.REFERENCE)
+AVAILABLE = {"attention": tuple(_ATTENTION), "ple_lookup": _PLE,
+             "per_layer_inputs": _PLE}
 
 
 def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
@@ -96,3 +105,205 @@ def _check_attention_args(q, k, v, *, mask, segment_ids, sliding_window,
   if segment_ids is not None:
     masks.canonical_segment_ids(segment_ids, batch=batch, q_len=q_len,
                                 kv_len=kv_len)
+
+
+def ple_lookup(per_layer_table, tokens, *, num_layers, per_layer_dim,
+               mesh=None, table_spec=None, implementation=None,
+               interpret=False):
+  """Gemma 4 Per-Layer Embedding rows: `table[tokens]` as `[B, T, L, P]`.
+
+  Ids outside `[0, V)` (negative too) read row 0, as Tunix does.
+
+  Args:
+    per_layer_table: `[V, L, P]` (google-tunix 0.1.7) or `[V, L*P]` (Tunix
+      main), or a `HostTable` (host-resident; only the rows move to the
+      device, `implementation` does not apply; with `mesh`, each device
+      fetches its own block of rows in the layout the sharded lookup hands
+      over, `table_spec` being where the table would live on the mesh).
+    tokens: integer ids `[B, T]`.
+    num_layers, per_layer_dim: L and P.
+    mesh: with `table_spec`, look up inside `shard_map` over this mesh
+      without gathering the table (see `kernels/ple/sharded.py` for the
+      vocab- and feature-parallel modes).
+    table_spec: the table's `PartitionSpec` over `mesh`.
+    implementation: None, "pallas_tpu", "xla" or "reference" (the
+      unsharded float32 oracle; it ignores `mesh`).
+    interpret: run the Pallas kernel in interpret mode (CPU).
+
+  Returns:
+    `[B, T, L, P]` in the table's dtype.
+
+  Raises:
+    ValueError / TypeError: naming the argument and expected vs actual.
+  """
+  _check_ple_args(per_layer_table, tokens, num_layers=num_layers,
+                  per_layer_dim=per_layer_dim, mesh=mesh,
+                  table_spec=table_spec)
+  row_shape = per_layer_table.shape[1:]
+  if isinstance(per_layer_table, ple_host.HostTable):
+    ids = ple_xla.valid_ids(tokens, per_layer_table.shape[0])
+    out_spec = None if mesh is None else ple_sharded.activation_spec(
+        table_spec, len(row_shape) + 1, mesh, ids.shape[0])
+    if out_spec is not None:
+      rows = ple_host.sharded_host_lookup(per_layer_table, ids,
+                                          row_shape=row_shape, mesh=mesh,
+                                          out_spec=out_spec)
+    else:
+      rows = ple_host.host_lookup(per_layer_table, ids, row_shape=row_shape)
+    return rows.reshape(*tokens.shape, num_layers, per_layer_dim)
+  name = implementations.resolve("ple_lookup", implementation, _PLE,
+                                 interpret=interpret)
+  if name == implementations.REFERENCE:
+    return ple_reference.ple_lookup(per_layer_table, tokens,
+                                    num_layers=num_layers,
+                                    per_layer_dim=per_layer_dim)
+  if name == implementations.PALLAS_TPU:
+    def gather_rows(table, ids):
+      return ple_pallas.gather_rows(table, ids, interpret=interpret)
+  else:
+    gather_rows = ple_xla.gather_rows
+  if mesh is not None:
+    return ple_sharded.sharded_lookup(
+        per_layer_table, tokens, num_layers=num_layers,
+        per_layer_dim=per_layer_dim, mesh=mesh, table_spec=table_spec,
+        gather_rows=gather_rows)
+  rows = gather_rows(per_layer_table,
+                     ple_xla.valid_ids(tokens, per_layer_table.shape[0]))
+  return rows.reshape(*tokens.shape, num_layers, per_layer_dim)
+
+
+def per_layer_inputs(embeddings, tokens, per_layer_table, model_projection,
+                     projection_norm_scale, *, num_layers, per_layer_dim,
+                     mesh=None, table_spec=None, implementation=None,
+                     interpret=False):
+  """Tunix's `Embedder.encode_per_layer_input`, the combine fused.
+
+  `(rms_norm(embeddings @ (model_projection * D**-0.5)) * norm_scale
+  + sqrt(P) * table[tokens]) * rsqrt(2)`, the norm over P per layer, with
+  Tunix's dtype casts; the backward pass keeps one `[B, T, L, P]` residual.
+
+  Args:
+    embeddings: the scaled token embeddings `[B, T, D]`, floating.
+    tokens: integer ids `[B, T]`; ids outside `[0, V)` read row 0.
+    per_layer_table: `[V, L, P]`, `[V, L*P]` or a `HostTable`.
+    model_projection: the unscaled `[D, L, P]` or `[D, L*P]` projection.
+    projection_norm_scale: the norm's scale `[P]`.
+    num_layers, per_layer_dim: L and P.
+    mesh, table_spec, implementation, interpret: as in `ple_lookup`.
+
+  Returns:
+    `[B, T, L, P]` in the promoted dtype of embeddings and table (Tunix's;
+    the reference implementation returns the embeddings' dtype).
+
+  Raises:
+    ValueError / TypeError: naming the argument and expected vs actual.
+  """
+  _check_ple_args(per_layer_table, tokens, num_layers=num_layers,
+                  per_layer_dim=per_layer_dim, mesh=mesh,
+                  table_spec=table_spec)
+  if not isinstance(per_layer_table, ple_host.HostTable):
+    implementation = implementations.resolve(
+        "per_layer_inputs", implementation, _PLE, interpret=interpret)
+  if implementation == implementations.REFERENCE:
+    return ple_reference.per_layer_inputs(
+        embeddings, tokens, per_layer_table, model_projection,
+        projection_norm_scale, num_layers=num_layers,
+        per_layer_dim=per_layer_dim)
+  _check_combine_args(embeddings, tokens, model_projection,
+                      projection_norm_scale, num_layers=num_layers,
+                      per_layer_dim=per_layer_dim)
+  rows = ple_lookup(per_layer_table, tokens, num_layers=num_layers,
+                    per_layer_dim=per_layer_dim, mesh=mesh,
+                    table_spec=table_spec, implementation=implementation,
+                    interpret=interpret)
+  return ple_combine.per_layer_inputs(
+      embeddings, rows, model_projection, projection_norm_scale,
+      num_layers=num_layers, per_layer_dim=per_layer_dim)
+
+
+def combine_per_layer_inputs(projected, rows, projection_norm_scale):
+  """The per-layer-input combine after the projection matmul, fused.
+
+  `(rms_norm(projected) * norm_scale + sqrt(P) * rows) * rsqrt(2)`, the norm
+  over P in float32 (Tunix's casts); the backward pass keeps `projected` as
+  its only residual. For callers whose projection is its own module (a qwix
+  LoRA'd Einsum); `per_layer_inputs` is the whole computation. One XLA
+  elementwise fusion on every platform (it has no implementation choice).
+
+  Args:
+    projected: `embeddings @ (model_projection * D**-0.5)` as `[B, T, L, P]`,
+      floating (the compute dtype).
+    rows: `ple_lookup(...)`, `[B, T, L, P]`.
+    projection_norm_scale: `[P]`.
+
+  Returns:
+    `[B, T, L, P]` in `result_type(projected, rows)`.
+
+  Raises:
+    ValueError / TypeError: naming the argument and expected vs actual.
+  """
+  if getattr(projected, "ndim", None) != 4:
+    raise ValueError(f"projected must be [B, T, L, P], got shape "
+                     f"{getattr(projected, 'shape', type(projected))}")
+  for name, value in (("projected", projected), ("rows", rows)):
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+      raise TypeError(f"{name} must be floating, got {value.dtype}")
+  if getattr(rows, "shape", None) != projected.shape:
+    raise ValueError(f"rows must have projected's shape {projected.shape}, "
+                     f"got {getattr(rows, 'shape', None)}")
+  if getattr(projection_norm_scale, "shape", None) != projected.shape[-1:]:
+    raise ValueError(f"projection_norm_scale must be [P] = "
+                     f"{projected.shape[-1:]}, got shape "
+                     f"{getattr(projection_norm_scale, 'shape', None)}")
+  return ple_combine.normalize_and_add(projected, rows, projection_norm_scale)
+
+
+def _check_ple_args(per_layer_table, tokens, *, num_layers, per_layer_dim,
+                    mesh, table_spec):
+  for name, value in (("num_layers", num_layers),
+                      ("per_layer_dim", per_layer_dim)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  shape = getattr(per_layer_table, "shape", None)
+  if shape is None or len(shape) not in (2, 3):
+    raise ValueError(f"per_layer_table must be [V, L, P] or [V, L*P], got "
+                     f"shape {shape}")
+  want = ((num_layers, per_layer_dim) if len(shape) == 3
+          else (num_layers * per_layer_dim,))
+  if tuple(shape[1:]) != want:
+    raise ValueError(f"per_layer_table of shape {tuple(shape)} does not match "
+                     f"num_layers={num_layers}, per_layer_dim={per_layer_dim}: "
+                     f"expected [V, *{want}]")
+  dtype = getattr(tokens, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(f"tokens must be an integer array, got dtype {dtype}")
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+  if (mesh is None) != (table_spec is None):
+    raise ValueError(f"pass mesh and table_spec together, got mesh={mesh!r} "
+                     f"and table_spec={table_spec!r}")
+  if mesh is not None:
+    ple_sharded.table_axes(table_spec, len(shape), mesh)
+
+
+def _check_combine_args(embeddings, tokens, model_projection,
+                        projection_norm_scale, *, num_layers, per_layer_dim):
+  if getattr(embeddings, "ndim", None) != 3:
+    raise ValueError(f"embeddings must be [B, T, D], got shape "
+                     f"{getattr(embeddings, 'shape', type(embeddings))}")
+  if not jnp.issubdtype(embeddings.dtype, jnp.floating):
+    raise TypeError(f"embeddings must be floating, got {embeddings.dtype}")
+  if embeddings.shape[:2] != tokens.shape:
+    raise ValueError(f"embeddings [B, T, D] and tokens [B, T] disagree: "
+                     f"{embeddings.shape} vs {tokens.shape}")
+  embed_dim = embeddings.shape[-1]
+  layouts = ((embed_dim, num_layers, per_layer_dim),
+             (embed_dim, num_layers * per_layer_dim))
+  if getattr(model_projection, "shape", None) not in layouts:
+    raise ValueError(f"model_projection must be [D, L, P] = {layouts[0]} or "
+                     f"[D, L*P] = {layouts[1]}, got shape "
+                     f"{getattr(model_projection, 'shape', None)}")
+  if getattr(projection_norm_scale, "shape", None) != (per_layer_dim,):
+    raise ValueError(f"projection_norm_scale must be [P] = "
+                     f"{(per_layer_dim,)}, got shape "
+                     f"{getattr(projection_norm_scale, 'shape', None)}")

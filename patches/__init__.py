@@ -9,10 +9,11 @@ patches.revert()              # originals back (the same function objects)
 print(patches.status())       # what can be patched here, what is
 ```
 
-One flag per feature. Only `attention` has a patch so far (Tunix Gemma 4
-`Attention.block`, see `tunix_attention`); `ple`, `lora` and `loss` are
-accepted and reported as "not available" (nothing is patched for them, and
-the default `apply()` does not fail because of them).
+One flag per feature. `attention` patches Tunix Gemma 4 `Attention.block`
+(see `tunix_attention`) and `ple` its `Embedder.encode_per_layer_input` (see
+`tunix_ple`; `ple="host"` reads a host-resident table); `lora` and `loss`
+are accepted and reported as "not available" (nothing is patched for them,
+and the default `apply()` does not fail because of them).
 
 `apply()` is idempotent, checks every target before touching any (installed
 version against the tested ones, presence and signature of each attribute it
@@ -34,6 +35,7 @@ from gemma4_jax import implementations
 from gemma4_jax import ops
 from gemma4_jax.patches import _framework
 from gemma4_jax.patches import tunix_attention
+from gemma4_jax.patches import tunix_ple
 from gemma4_jax.patches._framework import PatchReport
 from gemma4_jax.patches._framework import Status
 from gemma4_jax.patches._framework import TargetChangedError
@@ -47,14 +49,15 @@ __all__ = ["apply", "revert", "applied", "status", "PatchReport", "Status",
 # no patch for that feature.
 _TARGETS = {
     "attention": tunix_attention.target,
-    "ple": None,
+    "ple": tunix_ple.target,
     "lora": None,
     "loss": None,
 }
 _NO_PATCH_YET = "gemma4_jax has no patch for this feature yet"
+PLE_HOST = "host"  # apply(ple="host"): the PLE table stays in host memory
 
 
-def apply(*, attention: bool = True, ple: bool = True, lora: bool = True,
+def apply(*, attention: bool = True, ple: bool | str = True, lora: bool = True,
           loss: bool = True, implementation: str | None = None,
           interpret: bool = False) -> PatchReport:
   """Patches the enabled features; the patched set becomes exactly these.
@@ -62,7 +65,11 @@ def apply(*, attention: bool = True, ple: bool = True, lora: bool = True,
   Args:
     attention: route Tunix Gemma 4 attention (prefill and training; decode
       stays Tunix's) through `gemma4_jax.ops.attention`.
-    ple, lora, loss: accepted; no patch exists for them yet, so they are
+    ple: True routes Tunix's `Embedder.encode_per_layer_input` through
+      `gemma4_jax.ops.ple_lookup` (sharded under a mesh) and the fused
+      combine; "host" does the same with the table in host memory (move it
+      there with `tunix_ple.offload_table(model)`); False leaves it stock.
+    lora, loss: accepted; no patch exists for them yet, so they are
       reported as not available.
     implementation: passed to every op the patches call: None (Pallas on
       TPU, XLA elsewhere, `GEMMA4_JAX_IMPLEMENTATION` overrides), "xla",
@@ -76,16 +83,22 @@ def apply(*, attention: bool = True, ple: bool = True, lora: bool = True,
   Raises:
     TypeError: a flag or `interpret` is not a bool, or `implementation` not a
       str or None.
-    ValueError: `implementation` is not a known name or the op lacks it.
+    ValueError: `ple` is not True, False or "host"; `implementation` is not
+      a known name or the op lacks it.
     RuntimeError: `implementation` names one that cannot run here.
     TargetChangedError: a target changed; nothing was patched.
   """
+  if not (isinstance(ple, bool) or ple == PLE_HOST):
+    raise ValueError(f"ple must be True, False or {PLE_HOST!r}, got {ple!r}")
+  ple_host, ple = ple == PLE_HOST, bool(ple)
   flags = {"attention": attention, "ple": ple, "lora": lora, "loss": loss}
   for name, value in {**flags, "interpret": interpret}.items():
     if not isinstance(value, bool):
       raise TypeError(f"{name} must be a bool, got {value!r}")
-  resolved = _resolve_implementation(implementation, interpret)
-  options = _framework.OpOptions(implementation, interpret)
+  resolved = _resolve_implementation(implementation, interpret,
+                                     "attention" if attention or not ple
+                                     else "ple_lookup")
+  options = _framework.OpOptions(implementation, interpret, ple_host)
   with _framework.LOCK:
     plan, reports = [], []
     for feature, enabled in flags.items():
@@ -104,7 +117,8 @@ def apply(*, attention: bool = True, ple: bool = True, lora: bool = True,
             feature, target.name, _framework.PATCHED,
             f"{target.distribution} {version}"
             f"{f', {target.known_layout} layout' if target.known_layout else ''}"
-            f"{'' if known else ', untested version'}"))
+            f"{'' if known else ', untested version'}"
+            f"{'; ' + target.note if target.note else ''}"))
     _framework.install(tuple(plan), options)
   return PatchReport(
       targets=tuple(reports), implementation=implementation,
@@ -123,7 +137,8 @@ def revert() -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def applied(*, attention: bool = True, ple: bool = True, lora: bool = True,
+def applied(*, attention: bool = True, ple: bool | str = True,
+            lora: bool = True,
             loss: bool = True, implementation: str | None = None,
             interpret: bool = False):
   """`apply(...)` for the duration of a `with` block; yields the report.
@@ -176,11 +191,10 @@ def status() -> Status:
                 qwix_version=_framework.installed_version("qwix"))
 
 
-def _resolve_implementation(implementation, interpret: bool) -> str:
+def _resolve_implementation(implementation, interpret: bool, op: str) -> str:
   if implementation is not None and not isinstance(implementation, str):
     raise TypeError(f"implementation must be a str or None, got "
                     f"{type(implementation).__name__}")
-  # The attention patch is the only op user so far.
-  return implementations.resolve("attention", implementation,
-                                 ops.AVAILABLE["attention"],
+  # What the first patched op runs with (attention's, unless only ple is on).
+  return implementations.resolve(op, implementation, ops.AVAILABLE[op],
                                  interpret=interpret)

@@ -37,6 +37,7 @@ class OpOptions:
   """
   implementation: str | None = None
   interpret: bool = False
+  ple_host: bool = False  # apply(ple="host"): the PLE table is host-resident
 
   @property
   def op_kwargs(self) -> dict:
@@ -84,6 +85,7 @@ class Target:
       supports ("google-tunix 0.1.7 (tunix.models.gemma4.model)").
     requirements: what `make_replacement` relies on.
     make_replacement: `(original, options: OpOptions) -> replacement`.
+    note: appended to the report's reason when patched ("" for none).
   """
   feature: str
   module: str
@@ -94,6 +96,7 @@ class Target:
   requirements: tuple[Requirement, ...]
   make_replacement: Callable[[Callable, OpOptions], Callable]
   known_layout: str | None = None
+  note: str = ""
 
   @property
   def name(self) -> str:

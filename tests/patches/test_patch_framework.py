@@ -21,6 +21,7 @@ from gemma4_jax.patches import _framework
 from gemma4_jax.patches import tunix_attention
 
 TARGET = "tunix.models.gemma4.model:Attention.block"
+PLE_TARGET = "tunix.models.gemma4.model:Embedder.encode_per_layer_input"
 ORIGINAL = gemma4_lib.Attention.__dict__["block"]
 
 
@@ -41,17 +42,17 @@ def test_import_patches_nothing_and_imports_no_tunix():
 
 def test_apply_reports_and_revert_restores_the_original_object():
   report = patches.apply()
-  assert report.patched == (TARGET,)
+  assert report.patched == (TARGET, PLE_TARGET)
   assert gemma4_lib.Attention.block is not ORIGINAL
   assert gemma4_lib.Attention.block.__wrapped__ is ORIGINAL
   states = {t.feature: t.state for t in report.targets}
-  assert states == {"attention": "patched", "ple": "not available",
+  assert states == {"attention": "patched", "ple": "patched",
                     "lora": "not available", "loss": "not available"}
   assert report.tunix_version == "0.1.7" and report.qwix_version == "0.1.8"
   assert report.implementation is None
   assert report.resolved_implementation == "xla"
   assert TARGET in str(report)
-  assert patches.revert() == (TARGET,)
+  assert patches.revert() == (PLE_TARGET, TARGET)
   assert gemma4_lib.Attention.block is ORIGINAL
   assert patches.revert() == ()
 
@@ -68,7 +69,7 @@ def test_apply_twice_is_harmless_and_other_options_replace_cleanly():
   assert gemma4_lib.Attention.block.__wrapped__ is ORIGINAL
   assert patches.status().implementation == "reference"
 
-  report = patches.apply(attention=False)
+  report = patches.apply(attention=False, ple=False)
   assert report.patched == ()
   assert report.targets[0].state == "skipped"
   assert gemma4_lib.Attention.block is ORIGINAL
@@ -76,7 +77,7 @@ def test_apply_twice_is_harmless_and_other_options_replace_cleanly():
 
 def test_applied_restores_on_exit_and_on_exception():
   with patches.applied() as report:
-    assert report.patched == (TARGET,)
+    assert report.patched == (TARGET, PLE_TARGET)
     assert gemma4_lib.Attention.block is not ORIGINAL
   assert gemma4_lib.Attention.block is ORIGINAL
 
@@ -103,7 +104,8 @@ def test_status():
   assert attention.available and not attention.patched
   assert attention.version == "0.1.7" and attention.version_known
   assert [t.feature for t in others] == ["ple", "lora", "loss"]
-  assert not any(t.available or t.patched for t in others)
+  assert others[0].available and not others[0].patched
+  assert not any(t.available or t.patched for t in others[1:])
   assert status.implementation is None
   with patches.applied(implementation="xla"):
     status = patches.status()
@@ -168,7 +170,7 @@ def test_untested_version_warns_and_patches(monkeypatch):
       lambda d: "0.1.99" if d == "google-tunix" else installed(d))
   with pytest.warns(UserWarning, match="google-tunix 0.1.99 is not among"):
     report = patches.apply()
-  assert report.patched == (TARGET,)
+  assert report.patched == (TARGET, PLE_TARGET)
   assert "untested" in report.targets[0].reason
   status = patches.status()
   assert status.targets[0].available and not status.targets[0].version_known
@@ -249,7 +251,7 @@ def test_split_layout_detection_and_checks(monkeypatch):
   split_block = Attention.__dict__["block"]
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # a known layout: no untested warning
-    with patches.applied() as report:
+    with patches.applied(ple=False) as report:
       assert report.patched == (status.target,)
       assert "Tunix main c7d8950f layout" in report.targets[0].reason
       assert Attention.__dict__["block"].__wrapped__ is split_block

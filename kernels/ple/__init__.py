@@ -1,0 +1,2 @@
+"""Per-Layer Embedding (PLE): row gather, fused combine, sharded and host
+lookups."""
