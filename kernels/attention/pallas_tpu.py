@@ -1,0 +1,677 @@
+"""Gemma 4 flash attention as Pallas TPU kernels: forward, dq and dk/dv.
+
+One tile holds every query head that shares a kv head (MQA/GQA): q is laid
+out `[B, K, G, T, H]` and a `(G, block_q, H)` tile is the `G * block_q` rows
+of one matmul against a single K/V tile load. Softmax statistics and
+accumulators are float32 VMEM scratch; the forward saves only the output and
+the logsumexp, from which the backward recomputes the probabilities.
+
+Which tiles run comes from a scalar-prefetched schedule (`block_mask`): a
+query block visits only the key blocks that its causal / sliding window /
+mask / segment ids leave visible, skipped tiles are neither fetched nor
+computed, and FULL tiles skip the mask work. Any T and S: queries are padded
+to a block multiple (the padding rows are dropped), keys use a `cdiv` grid
+whose ragged last block is masked and has its out-of-range K/V rows zeroed,
+since that memory may hold anything, NaN included. A query with no visible
+key gets output 0, logsumexp +inf and zero gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+import jax.numpy as jnp
+import numpy as np
+
+from gemma4_jax import masks
+from gemma4_jax.kernels.attention import block_mask
+
+DEFAULT_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+NUM_LANES = 128
+NUM_SUBLANES = 8
+# int8 mask tiles pack 32 rows per sublane tile; bf16 16, f32 8.
+BLOCK_Q_MULTIPLE = 32
+NT_DIM_NUMBERS = (((1,), (1,)), ((), ()))  # x @ y.T
+# Budget ceiling under v5e's 128 MiB of VMEM, leaving room for Mosaic.
+MAX_VMEM_LIMIT = 100 * 2**20
+MIN_VMEM_LIMIT = 32 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Tile sizes: `block_q` query positions (times the G heads sharing a kv
+  head: the tile has `G * block_q` rows) against `block_kv` keys.
+
+  VMEM per grid step, bf16, v5e defaults (R = G * block_q = 1024 rows,
+  block_kv = 512), double-buffered inputs and outputs, f32 temporaries:
+    head_dim 256: fwd ~14 MiB (q/o 2x1 MiB each, K/V 2x256 KiB each, lse
+      2x512 KiB, m/l/acc 2 MiB, s/p and mask temporaries ~8 MiB);
+      dk/dv ~21 MiB (q/do 2 MiB each, s, p, dp, ds 2 MiB each).
+    head_dim 512: fwd ~20 MiB, dk/dv ~30 MiB.
+  `_vmem_limit` derives the limit from the same sum (2x margin, 32-100 MiB).
+  """
+  block_q: int
+  block_kv: int
+
+  def __post_init__(self):
+    if self.block_q <= 0 or self.block_q % BLOCK_Q_MULTIPLE:
+      raise ValueError(f"block_q must be a positive multiple of "
+                       f"{BLOCK_Q_MULTIPLE}, got {self.block_q}")
+    if self.block_kv <= 0 or self.block_kv % NUM_LANES:
+      raise ValueError(f"block_kv must be a positive multiple of {NUM_LANES},"
+                       f" got {self.block_kv}")
+
+  @classmethod
+  def get_default(cls, *, group: int, head_dim: int) -> BlockSizes:
+    """About 1024 tile rows and 512 keys: the MXU is fed 1024x512 logits
+    per step, and window/causal skipping keeps a 512-key granularity."""
+    del head_dim  # 256 and 512 both fit the same tiles (see the budget).
+    block_q = min(512, max(128, 1024 // group))
+    return cls(block_q=block_q // BLOCK_Q_MULTIPLE * BLOCK_Q_MULTIPLE,
+               block_kv=512)
+
+
+def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
+              sliding_window=None, softcap=None, scale=None, interpret=False,
+              block_sizes=None):
+  """Gemma 4 attention on TPU; same semantics as the float32 reference.
+
+  Args:
+    q: `[B, T, N, H]` queries, float32 or bfloat16.
+    k, v: `[B, S, K, H]`, N % K == 0, q's dtype. Query i is at position
+      i + S - T.
+    mask: optional boolean (True = may attend) `[T,S]`, `[B,T,S]`,
+      `[B,1,T,S]` or `[B,N,T,S]`; B, N and T axes of size 1 broadcast.
+    segment_ids: optional `[B,T]` ints (T == S) or a `(q [B,T], kv [B,S])`
+      pair.
+    causal: key j visible iff j <= i + S - T.
+    sliding_window: W > 0: additionally j > i + S - T - W.
+    softcap: c > 0: logits become c * tanh(logits / c).
+    scale: multiplies q k^T; default H ** -0.5.
+    interpret: run the kernels in Pallas interpret mode (CPU).
+    block_sizes: `BlockSizes`, default `BlockSizes.get_default`.
+
+  Returns:
+    `[B, T, N, H]` in q's dtype; a query with no visible key gives 0.
+
+  Raises:
+    ValueError / TypeError: naming the argument, expected and actual.
+  """
+  _check_args(q, k, v, sliding_window=sliding_window, softcap=softcap,
+              scale=scale, block_sizes=block_sizes)
+  batch, q_len, num_heads, head_dim = q.shape
+  kv_len, num_kv_heads = k.shape[1], k.shape[2]
+  group = num_heads // num_kv_heads
+  if mask is not None:
+    mask = masks.canonical_mask(mask, batch=batch, num_heads=num_heads,
+                                q_len=q_len, kv_len=kv_len)
+  if segment_ids is not None:
+    segment_ids = masks.canonical_segment_ids(
+        segment_ids, batch=batch, q_len=q_len, kv_len=kv_len)
+  if block_sizes is None:
+    block_sizes = BlockSizes.get_default(group=group, head_dim=head_dim)
+  block_q = min(block_sizes.block_q, _round_up(q_len, BLOCK_Q_MULTIPLE))
+  block_kv = min(block_sizes.block_kv, _round_up(kv_len, NUM_LANES))
+  num_q_blocks = -(-q_len // block_q)
+  padded_q_len = num_q_blocks * block_q
+
+  kinds = block_mask.static_kinds(
+      q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv,
+      causal=causal, sliding_window=sliding_window)[None, None]
+  fwd_steps = block_mask.max_count(kinds, axis=-1)
+  dkv_steps = block_mask.max_count(kinds, axis=-2)
+  mask_group = 0
+  q_ids = kv_ids = mask_i8 = None
+  dynamic = []
+  if mask is not None:
+    dynamic.append(block_mask.mask_kinds(
+        mask, q_len=q_len, block_q=block_q, block_kv=block_kv,
+        num_kv_heads=num_kv_heads))
+    mb, mn = mask.shape[:2]
+    mask_group = group if mn > 1 else 1
+    mask_i8 = jnp.broadcast_to(mask, (mb, mn, q_len, kv_len)).reshape(
+        mb, mn // mask_group, mask_group, q_len, kv_len).astype(jnp.int8)
+    mask_i8 = jnp.pad(mask_i8, ((0, 0),) * 3 + ((0, padded_q_len - q_len),
+                                                (0, 0)))
+  if segment_ids is not None:
+    q_seg, kv_seg = segment_ids
+    dynamic.append(block_mask.segment_kinds(
+        q_seg, kv_seg, block_q=block_q, block_kv=block_kv))
+    q_seg = jnp.pad(q_seg, ((0, 0), (0, padded_q_len - q_len)), mode="edge")
+    q_ids = jnp.broadcast_to(q_seg[:, :, None],
+                             (batch, padded_q_len, NUM_LANES))
+    kv_ids = jnp.broadcast_to(kv_seg[:, None, :],
+                              (batch, NUM_SUBLANES, kv_len))
+  if dynamic:
+    kinds = block_mask.combine(jnp.asarray(kinds), *dynamic)
+  fwd_schedule = block_mask.compact(kinds, fwd_steps)
+  dkv_schedule = block_mask.compact(jnp.swapaxes(kinds, -1, -2)
+                                    if dynamic else kinds.swapaxes(-1, -2),
+                                    dkv_steps)
+
+  qt = q.reshape(batch, q_len, num_kv_heads, group, head_dim)
+  qt = jnp.pad(qt.transpose(0, 2, 3, 1, 4),
+               ((0, 0),) * 3 + ((0, padded_q_len - q_len), (0, 0)))
+  kt, vt = (x.transpose(0, 2, 1, 3) for x in (k, v))
+  if kv_len < block_kv:  # a block never exceeds its array
+    kt, vt = (jnp.pad(x, ((0, 0), (0, 0), (0, block_kv - kv_len), (0, 0)))
+              for x in (kt, vt))
+  static = _Static(
+      q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv,
+      group=group, causal=causal, sliding_window=sliding_window,
+      softcap=None if softcap is None else float(softcap),
+      scale=float(head_dim ** -0.5 if scale is None else scale),
+      mask_group=mask_group,
+      mask_batch=0 if mask_i8 is None else mask_i8.shape[0],
+      mask_heads=0 if mask_i8 is None else mask_i8.shape[1],
+      segments=segment_ids is not None,
+      fwd=_layout(fwd_schedule), dkv=_layout(dkv_schedule),
+      interpret=interpret)
+  out = _attention(qt, kt, vt, fwd_schedule.entries, dkv_schedule.entries,
+                   mask_i8, q_ids, kv_ids, static)
+  out = out[:, :, :, :q_len].transpose(0, 3, 1, 2, 4)
+  return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+def _check_args(q, k, v, *, sliding_window, softcap, scale, block_sizes):
+  for name, x, form in (("q", q, "[B,T,N,H]"), ("k", k, "[B,S,K,H]"),
+                        ("v", v, "[B,S,K,H]")):
+    if getattr(x, "ndim", None) != 4:
+      raise ValueError(f"{name} must be 4-D {form}, got shape "
+                       f"{getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in (jnp.float32, jnp.bfloat16):
+      raise TypeError(f"{name} must be float32 or bfloat16, got {x.dtype}")
+  if k.shape != v.shape or q.dtype != k.dtype or q.dtype != v.dtype:
+    raise ValueError(f"k and v must have one shape and q's dtype; got q "
+                     f"{q.dtype}, k {k.shape} {k.dtype}, v {v.shape} "
+                     f"{v.dtype}")
+  (batch, _, num_heads, head_dim), (kv_batch, _, num_kv_heads, kv_dim) = (
+      q.shape, k.shape)
+  if (kv_batch, kv_dim) != (batch, head_dim):
+    raise ValueError(f"k/v batch and head_dim must match q's (B={batch}, "
+                     f"H={head_dim}), got B={kv_batch}, H={kv_dim}")
+  if num_kv_heads == 0 or num_heads % num_kv_heads:
+    raise ValueError(f"query heads N={num_heads} must be a multiple of kv "
+                     f"heads K={num_kv_heads}")
+  if sliding_window is not None and (not isinstance(sliding_window, int)
+                                     or sliding_window < 1):
+    raise ValueError(f"sliding_window must be a positive int or None, got "
+                     f"{sliding_window!r}")
+  if softcap is not None and not (isinstance(softcap, (int, float))
+                                  and softcap > 0):
+    raise ValueError(f"softcap must be a positive number or None, got "
+                     f"{softcap!r}")
+  if scale is not None and not isinstance(scale, (int, float)):
+    raise TypeError(f"scale must be a Python number or None, got "
+                    f"{type(scale).__name__}")
+  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
+    raise TypeError(f"block_sizes must be a BlockSizes, got "
+                    f"{type(block_sizes).__name__}")
+
+
+def _round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+  """Static shape of a `block_mask.Schedule` (its entries are an array)."""
+  batch: int
+  heads: int
+  rows: int
+  steps: int
+
+
+def _layout(schedule: block_mask.Schedule) -> _Layout:
+  return _Layout(schedule.batch, schedule.heads, schedule.rows,
+                 schedule.steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything the kernels specialize on (hashable: a custom_vjp nondiff)."""
+  q_len: int
+  kv_len: int
+  block_q: int
+  block_kv: int
+  group: int
+  causal: bool
+  sliding_window: int | None
+  softcap: float | None
+  scale: float
+  mask_group: int  # heads per mask tile: 0 (no mask), 1 or group
+  mask_batch: int
+  mask_heads: int
+  segments: bool
+  fwd: _Layout
+  dkv: _Layout
+  interpret: bool
+
+  @property
+  def rows(self) -> int:
+    return self.group * self.block_q
+
+  @property
+  def ragged_kv(self) -> bool:
+    return self.kv_len % self.block_kv != 0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _attention(q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids,
+               static):
+  return _forward(q, k, v, fwd_entries, mask, q_ids, kv_ids, static)[0]
+
+
+def _attention_fwd(q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids,
+                   static):
+  out, lse = _forward(q, k, v, fwd_entries, mask, q_ids, kv_ids, static)
+  return out, (q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids, out,
+               lse)
+
+
+def _attention_bwd(static, residuals, d_out):
+  q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids, out, lse = residuals
+  di = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+  di = jnp.broadcast_to(di[..., None], lse.shape)
+  dq = _backward_dq(q, k, v, d_out, lse, di, fwd_entries, mask, q_ids, kv_ids,
+                    static)
+  dk, dv = _backward_dkv(q, k, v, d_out, lse, di, dkv_entries, mask, q_ids,
+                         kv_ids, static)
+  return dq, dk, dv, None, None, None, None, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+# Index maps. The grid is (batch, kv head, row, step); a row is a q block
+# (forward, dq) or a kv block (dk/dv), and the step's schedule entry names
+# the block of the other axis.
+
+def _entry(layout, entries_ref, b, h, row, step):
+  index = block_mask.entry_index(layout, b, h, row, step)
+  return block_mask.unpack(entries_ref[index])
+
+
+def _row_major_specs(static, head_dim, *, with_grads):
+  """BlockSpecs for the forward and dq grids (rows are q blocks)."""
+  lay = static.fwd
+  g, bq, bkv = static.group, static.block_q, static.block_kv
+
+  def q_map(b, h, i, j, entries_ref):
+    del j, entries_ref
+    return b, h, 0, i, 0
+
+  def kv_map(b, h, i, j, entries_ref):
+    block, _, _ = _entry(lay, entries_ref, b, h, i, j)
+    return b, h, block, 0
+
+  def mask_map(b, h, i, j, entries_ref):
+    _, _, mask_block = _entry(lay, entries_ref, b, h, i, j)
+    return (b if static.mask_batch > 1 else 0,
+            h if static.mask_heads > 1 else 0, 0, i, mask_block)
+
+  def kv_ids_map(b, h, i, j, entries_ref):
+    block, _, _ = _entry(lay, entries_ref, b, h, i, j)
+    return b, 0, block
+
+  q_spec = pl.BlockSpec((None, None, g, bq, head_dim), q_map)
+  kv_spec = pl.BlockSpec((None, None, bkv, head_dim), kv_map)
+  row_spec = pl.BlockSpec((None, None, g, bq, NUM_LANES), q_map)
+  specs = [q_spec, kv_spec, kv_spec]
+  if with_grads:
+    specs += [q_spec, row_spec, row_spec]  # d_out, lse, di
+  specs += _mask_specs(static, mask_map,
+                       lambda b, h, i, j, e: (b, i, 0), kv_ids_map)
+  return specs, q_spec, row_spec
+
+
+def _col_major_specs(static, head_dim):
+  """BlockSpecs for the dk/dv grid (rows are kv blocks)."""
+  lay = static.dkv
+  g, bq, bkv = static.group, static.block_q, static.block_kv
+
+  def q_map(b, h, j, i, entries_ref):
+    block, _, _ = _entry(lay, entries_ref, b, h, j, i)
+    return b, h, 0, block, 0
+
+  def kv_map(b, h, j, i, entries_ref):
+    del i, entries_ref
+    return b, h, j, 0
+
+  def mask_map(b, h, j, i, entries_ref):
+    _, _, mask_block = _entry(lay, entries_ref, b, h, j, i)
+    return (b if static.mask_batch > 1 else 0,
+            h if static.mask_heads > 1 else 0, 0, mask_block, j)
+
+  def q_ids_map(b, h, j, i, entries_ref):
+    block, _, _ = _entry(lay, entries_ref, b, h, j, i)
+    return b, block, 0
+
+  q_spec = pl.BlockSpec((None, None, g, bq, head_dim), q_map)
+  kv_spec = pl.BlockSpec((None, None, bkv, head_dim), kv_map)
+  row_spec = pl.BlockSpec((None, None, g, bq, NUM_LANES), q_map)
+  specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
+  specs += _mask_specs(static, mask_map, q_ids_map,
+                       lambda b, h, j, i, e: (b, 0, j))
+  return specs, kv_spec
+
+
+def _mask_specs(static, mask_map, q_ids_map, kv_ids_map):
+  specs = [None, None, None]
+  if static.mask_group:
+    specs[0] = pl.BlockSpec(
+        (None, None, static.mask_group, static.block_q, static.block_kv),
+        mask_map)
+  if static.segments:
+    specs[1] = pl.BlockSpec((None, static.block_q, NUM_LANES), q_ids_map)
+    specs[2] = pl.BlockSpec((None, NUM_SUBLANES, static.block_kv),
+                            kv_ids_map)
+  return specs
+
+
+def _compiler_params(static, head_dim, itemsize, kernel):
+  return pltpu.CompilerParams(
+      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"),
+      vmem_limit_bytes=_vmem_limit(static, head_dim, itemsize, kernel))
+
+
+def _vmem_limit(static, head_dim, itemsize, kernel) -> int:
+  """Twice the per-step VMEM sum of the BlockSizes docstring, clamped."""
+  rows, bkv = static.rows, static.block_kv
+  row_tiles = {"fwd": 2, "dq": 3, "dkv": 2}[kernel]  # q, o / q, do, dq / q, do
+  stat_tiles = {"fwd": 1, "dq": 2, "dkv": 2}[kernel]  # lse, di
+  temporaries = {"fwd": 4, "dq": 5, "dkv": 6}[kernel]  # s, p, dp, ds, masks
+  total = 2 * row_tiles * rows * head_dim * itemsize  # double-buffered
+  total += 2 * 2 * bkv * head_dim * itemsize  # K, V
+  total += 2 * stat_tiles * rows * NUM_LANES * 4
+  total += 2 * max(static.mask_group, 1) * static.block_q * bkv  # int8 mask
+  total += temporaries * rows * bkv * 4
+  scratch = {"fwd": rows * (head_dim + 2 * NUM_LANES),
+             "dq": rows * head_dim, "dkv": 2 * bkv * head_dim}[kernel]
+  total += 4 * scratch
+  return int(min(MAX_VMEM_LIMIT, max(MIN_VMEM_LIMIT, 2 * total)))
+
+
+def _cost(static, q, k, kernel):
+  """Upper bound (all scheduled steps run) for XLA's scheduler."""
+  batch, num_kv_heads, _, _, head_dim = q.shape
+  tiles = batch * num_kv_heads * (static.fwd.rows * static.fwd.steps)
+  tile_elems = static.rows * static.block_kv
+  matmuls = {"fwd": 2, "dq": 3, "dkv": 4}[kernel]
+  itemsize = q.dtype.itemsize
+  bytes_accessed = (q.size * itemsize * {"fwd": 2, "dq": 3, "dkv": 2}[kernel]
+                    + tiles * 2 * static.block_kv * head_dim * itemsize)
+  del k
+  return pl.CostEstimate(
+      flops=2 * matmuls * tiles * tile_elems * head_dim,
+      transcendentals=tiles * tile_elems * (2 if static.softcap else 1),
+      bytes_accessed=int(bytes_accessed))
+
+
+# The math shared by the three kernels.
+
+def _lanes(x, width):
+  """A `(rows, 128)` lane-replicated column, widened or cut to `width`."""
+  if width <= NUM_LANES:
+    return x[:, :width]
+  return jnp.tile(x, (1, width // NUM_LANES))
+
+
+def _visible(static, q_block, kv_block, mask_ref, q_ids_ref, kv_ids_ref):
+  """Boolean `(1 or G, block_q, block_kv)` visibility of a PARTIAL tile."""
+  shape = (static.block_q, static.block_kv)
+  q_pos = (lax.broadcasted_iota(jnp.int32, shape, 0) + q_block * static.block_q
+           + (static.kv_len - static.q_len))
+  k_pos = lax.broadcasted_iota(jnp.int32, shape, 1) + kv_block * static.block_kv
+  visible = k_pos < static.kv_len
+  if static.causal:
+    visible &= k_pos <= q_pos
+  if static.sliding_window is not None:
+    visible &= k_pos > q_pos - static.sliding_window
+  if q_ids_ref is not None:
+    q_ids = jnp.tile(q_ids_ref[...], (1, static.block_kv // NUM_LANES))
+    visible &= q_ids == kv_ids_ref[:1, :]
+  visible = visible[None]
+  if mask_ref is not None:
+    visible = visible & (mask_ref[...] != 0)
+  return visible
+
+
+def _where_visible(static, visible, x, fill):
+  x = x.reshape(static.group, static.block_q, static.block_kv)
+  return jnp.where(visible, x, fill).reshape(static.rows, static.block_kv)
+
+
+def _load_kv(static, k_ref, v_ref, kv_block, masked):
+  """K/V tiles; rows past S of the ragged last tile are zeroed (they are
+  undefined memory, and 0 * NaN in p @ v would spread NaN)."""
+  k, v = k_ref[...], v_ref[...]
+  if masked and static.ragged_kv:
+    row = lax.broadcasted_iota(jnp.int32, k.shape, 0)
+    valid = row < static.kv_len - kv_block * static.block_kv
+    k = jnp.where(valid, k, jnp.zeros_like(k))
+    v = jnp.where(valid, v, jnp.zeros_like(v))
+  return k, v
+
+
+def _logits(static, q, k):
+  """Scaled, softcapped `q k^T` in float32, and tanh for the gradient."""
+  precision = (lax.Precision.HIGHEST if q.dtype == jnp.float32
+               else lax.Precision.DEFAULT)
+  s = lax.dot_general(q, k, NT_DIM_NUMBERS, precision=precision,
+                      preferred_element_type=jnp.float32)
+  if static.scale != 1.0:
+    s = s * static.scale
+  if static.softcap is None:
+    return s, None
+  t = jnp.tanh(s / static.softcap)
+  return t * static.softcap, t
+
+
+def _probs_and_dlogits(static, q, k, v, d_out, lse, di, visible):
+  """Recomputed probabilities and d(loss)/d(scaled logits) of one tile."""
+  s, t = _logits(static, q, k)
+  p = jnp.exp(s - _lanes(lse, static.block_kv))
+  if visible is not None:
+    p = _where_visible(static, visible, p, 0.0)
+  dp = lax.dot_general(d_out, v, NT_DIM_NUMBERS,
+                       preferred_element_type=jnp.float32)
+  ds = p * (dp - _lanes(di, static.block_kv))
+  if t is not None:
+    ds = ds * (1.0 - t * t)  # d(c tanh(x / c)) / dx
+  return p, ds
+
+
+def _run_by_kind(kind, step):
+  """Runs `step(masked)` for PARTIAL and FULL tiles; EMPTY ones idle."""
+  pl.when(kind == block_mask.PARTIAL)(lambda: step(True))
+  pl.when(kind == block_mask.FULL)(lambda: step(False))
+
+
+# Kernel bodies.
+
+def _forward_kernel(entries_ref, q_ref, k_ref, v_ref, mask_ref, q_ids_ref,
+                    kv_ids_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *,
+                    static):
+  b, h, i, j = (pl.program_id(axis) for axis in range(4))
+  kv_block, kind, _ = _entry(static.fwd, entries_ref, b, h, i, j)
+  rows, head_dim = static.rows, acc_ref.shape[-1]
+
+  @pl.when(j == 0)
+  def init():
+    m_ref[...] = jnp.full_like(m_ref, DEFAULT_MASK_VALUE)
+    l_ref[...] = jnp.zeros_like(l_ref)
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  def step(masked):
+    q = q_ref[...].reshape(rows, head_dim)
+    k, v = _load_kv(static, k_ref, v_ref, kv_block, masked)
+    s, _ = _logits(static, q, k)
+    visible = None
+    if masked:
+      visible = _visible(static, i, kv_block, mask_ref, q_ids_ref, kv_ids_ref)
+      s = _where_visible(static, visible, s, DEFAULT_MASK_VALUE)
+    m_prev, l_prev = m_ref[...], l_ref[...]
+    m_next = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
+    p = jnp.exp(s - _lanes(m_next, static.block_kv))
+    if masked:  # a row masked so far has m = mask value, and exp(0) = 1
+      p = _where_visible(static, visible, p, 0.0)
+    alpha = jnp.exp(m_prev - m_next)
+    l_ref[...] = alpha * l_prev + p.sum(axis=-1, keepdims=True)
+    m_ref[...] = m_next
+    pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    acc_ref[...] = _lanes(alpha, head_dim) * acc_ref[...] + pv
+
+  _run_by_kind(kind, step)
+
+  @pl.when(j == static.fwd.steps - 1)
+  def finish():
+    l = l_ref[...]
+    seen = l > 0.0
+    safe_l = jnp.where(seen, l, 1.0)
+    inv = jnp.where(seen, 1.0 / safe_l, 0.0)
+    out = acc_ref[...] * _lanes(inv, head_dim)
+    o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
+    lse = jnp.where(seen, m_ref[...] + jnp.log(safe_l), jnp.inf)
+    lse_ref[...] = lse.reshape(lse_ref.shape)
+
+
+def _dq_kernel(entries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
+               mask_ref, q_ids_ref, kv_ids_ref, dq_ref, acc_ref, *, static):
+  b, h, i, j = (pl.program_id(axis) for axis in range(4))
+  kv_block, kind, _ = _entry(static.fwd, entries_ref, b, h, i, j)
+  rows, head_dim = static.rows, acc_ref.shape[-1]
+
+  @pl.when(j == 0)
+  def init():
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  def step(masked):
+    k, v = _load_kv(static, k_ref, v_ref, kv_block, masked)
+    visible = (_visible(static, i, kv_block, mask_ref, q_ids_ref, kv_ids_ref)
+               if masked else None)
+    _, ds = _probs_and_dlogits(
+        static, q_ref[...].reshape(rows, head_dim), k, v,
+        do_ref[...].reshape(rows, head_dim),
+        lse_ref[...].reshape(rows, NUM_LANES),
+        di_ref[...].reshape(rows, NUM_LANES), visible)
+    acc_ref[...] += lax.dot(ds.astype(k.dtype), k,
+                            preferred_element_type=jnp.float32)
+
+  _run_by_kind(kind, step)
+
+  @pl.when(j == static.fwd.steps - 1)
+  def finish():
+    dq = acc_ref[...] * static.scale
+    dq_ref[...] = dq.reshape(dq_ref.shape).astype(dq_ref.dtype)
+
+
+def _dkv_kernel(entries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
+                mask_ref, q_ids_ref, kv_ids_ref, dk_ref, dv_ref, dk_acc_ref,
+                dv_acc_ref, *, static):
+  b, h, j, i = (pl.program_id(axis) for axis in range(4))
+  q_block, kind, _ = _entry(static.dkv, entries_ref, b, h, j, i)
+  rows, head_dim = static.rows, dk_acc_ref.shape[-1]
+
+  @pl.when(i == 0)
+  def init():
+    dk_acc_ref[...] = jnp.zeros_like(dk_acc_ref)
+    dv_acc_ref[...] = jnp.zeros_like(dv_acc_ref)
+
+  def step(masked):
+    k, v = _load_kv(static, k_ref, v_ref, j, masked)
+    visible = (_visible(static, q_block, j, mask_ref, q_ids_ref, kv_ids_ref)
+               if masked else None)
+    q = q_ref[...].reshape(rows, head_dim)
+    d_out = do_ref[...].reshape(rows, head_dim)
+    p, ds = _probs_and_dlogits(
+        static, q, k, v, d_out, lse_ref[...].reshape(rows, NUM_LANES),
+        di_ref[...].reshape(rows, NUM_LANES), visible)
+    # Rows hold every head of the group: these sums reduce over heads too.
+    dv_acc_ref[...] += lax.dot(p.T.astype(d_out.dtype), d_out,
+                               preferred_element_type=jnp.float32)
+    dk_acc_ref[...] += lax.dot(ds.T.astype(q.dtype), q,
+                               preferred_element_type=jnp.float32)
+
+  _run_by_kind(kind, step)
+
+  @pl.when(i == static.dkv.steps - 1)
+  def finish():
+    dk_ref[...] = (dk_acc_ref[...] * static.scale).astype(dk_ref.dtype)
+    dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
+
+
+# pallas_calls.
+
+def _forward(q, k, v, entries, mask, q_ids, kv_ids, static):
+  batch, num_kv_heads, group, padded_q_len, head_dim = q.shape
+  in_specs, q_spec, row_spec = _row_major_specs(static, head_dim,
+                                                with_grads=False)
+  out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
+               jax.ShapeDtypeStruct((batch, num_kv_heads, group, padded_q_len,
+                                     NUM_LANES), jnp.float32)]
+  out, lse = pl.pallas_call(
+      functools.partial(_forward_kernel, static=static),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,
+          grid=(batch, num_kv_heads, static.fwd.rows, static.fwd.steps),
+          in_specs=in_specs, out_specs=[q_spec, row_spec],
+          scratch_shapes=[pltpu.VMEM((static.rows, NUM_LANES), jnp.float32),
+                          pltpu.VMEM((static.rows, NUM_LANES), jnp.float32),
+                          pltpu.VMEM((static.rows, head_dim), jnp.float32)]),
+      out_shape=out_shape,
+      compiler_params=_compiler_params(static, head_dim, q.dtype.itemsize,
+                                       "fwd"),
+      cost_estimate=_cost(static, q, k, "fwd"),
+      name="gemma4_flash_attention_fwd",
+      interpret=static.interpret,
+  )(entries, q, k, v, mask, q_ids, kv_ids)
+  return out, lse
+
+
+def _backward_dq(q, k, v, d_out, lse, di, entries, mask, q_ids, kv_ids,
+                 static):
+  batch, num_kv_heads, _, _, head_dim = q.shape
+  in_specs, q_spec, _ = _row_major_specs(static, head_dim, with_grads=True)
+  return pl.pallas_call(
+      functools.partial(_dq_kernel, static=static),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,
+          grid=(batch, num_kv_heads, static.fwd.rows, static.fwd.steps),
+          in_specs=in_specs, out_specs=q_spec,
+          scratch_shapes=[pltpu.VMEM((static.rows, head_dim), jnp.float32)]),
+      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+      compiler_params=_compiler_params(static, head_dim, q.dtype.itemsize,
+                                       "dq"),
+      cost_estimate=_cost(static, q, k, "dq"),
+      name="gemma4_flash_attention_dq",
+      interpret=static.interpret,
+  )(entries, q, k, v, d_out, lse, di, mask, q_ids, kv_ids)
+
+
+def _backward_dkv(q, k, v, d_out, lse, di, entries, mask, q_ids, kv_ids,
+                  static):
+  batch, num_kv_heads, _, _, head_dim = q.shape
+  in_specs, kv_spec = _col_major_specs(static, head_dim)
+  kv_shape = jax.ShapeDtypeStruct(k.shape, k.dtype)
+  return pl.pallas_call(
+      functools.partial(_dkv_kernel, static=static),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,
+          grid=(batch, num_kv_heads, static.dkv.rows, static.dkv.steps),
+          in_specs=in_specs, out_specs=[kv_spec, kv_spec],
+          scratch_shapes=[
+              pltpu.VMEM((static.block_kv, head_dim), jnp.float32),
+              pltpu.VMEM((static.block_kv, head_dim), jnp.float32)]),
+      out_shape=[kv_shape, kv_shape],
+      compiler_params=_compiler_params(static, head_dim, q.dtype.itemsize,
+                                       "dkv"),
+      cost_estimate=_cost(static, q, k, "dkv"),
+      name="gemma4_flash_attention_dkv",
+      interpret=static.interpret,
+  )(entries, q, k, v, d_out, lse, di, mask, q_ids, kv_ids)
