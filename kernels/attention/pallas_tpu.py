@@ -438,7 +438,8 @@ def _visible(static, q_block, kv_block, mask_ref, q_ids_ref, kv_ids_ref):
     visible &= q_ids == kv_ids_ref[:1, :]
   visible = visible[None]
   if mask_ref is not None:
-    visible = visible & (mask_ref[...] != 0)
+    # Widened first: v5e's VPU compares 32-bit lanes.
+    visible = visible & (mask_ref[...].astype(jnp.int32) != 0)
   return visible
 
 
@@ -454,8 +455,9 @@ def _load_kv(static, k_ref, v_ref, kv_block, masked):
   if masked and static.ragged_kv:
     row = lax.broadcasted_iota(jnp.int32, k.shape, 0)
     valid = row < static.kv_len - kv_block * static.block_kv
-    k = jnp.where(valid, k, jnp.zeros_like(k))
-    v = jnp.where(valid, v, jnp.zeros_like(v))
+    # Selected in float32 (v5e has no bf16 VPU); one tile, not per row block.
+    k, v = (jnp.where(valid, x.astype(jnp.float32), 0.0).astype(x.dtype)
+            for x in (k, v))
   return k, v
 
 
