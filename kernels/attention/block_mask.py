@@ -189,3 +189,10 @@ def unpack(entry):
   block = (entry >> _KIND_BITS) & ((1 << _BLOCK_BITS) - 1)
   mask_block = entry >> (_BLOCK_BITS + _KIND_BITS)
   return block, kind, mask_block
+
+
+def tiles_by_kind(schedule: Schedule) -> dict[str, jax.Array]:
+  """How many scheduled tiles are PARTIAL and FULL, and the grid steps."""
+  _, kind, _ = unpack(jnp.asarray(schedule.entries))
+  return {"partial": jnp.sum(kind == PARTIAL), "full": jnp.sum(kind == FULL),
+          "steps": schedule.entries.size}

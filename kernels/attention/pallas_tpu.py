@@ -113,25 +113,13 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
   if segment_ids is not None:
     segment_ids = masks.canonical_segment_ids(
         segment_ids, batch=batch, q_len=q_len, kv_len=kv_len)
-  if block_sizes is None:
-    block_sizes = BlockSizes.get_default(group=group, head_dim=head_dim)
-  block_q = min(block_sizes.block_q, _round_up(q_len, BLOCK_Q_MULTIPLE))
-  block_kv = min(block_sizes.block_kv, _round_up(kv_len, NUM_LANES))
-  num_q_blocks = -(-q_len // block_q)
-  padded_q_len = num_q_blocks * block_q
-
-  kinds = block_mask.static_kinds(
-      q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv,
-      causal=causal, sliding_window=sliding_window)[None, None]
-  fwd_steps = block_mask.max_count(kinds, axis=-1)
-  dkv_steps = block_mask.max_count(kinds, axis=-2)
+  block_q, block_kv, fwd_schedule, dkv_schedule = block_schedules(
+      q.shape, k.shape, mask=mask, segment_ids=segment_ids, causal=causal,
+      sliding_window=sliding_window, block_sizes=block_sizes)
+  padded_q_len = fwd_schedule.rows * block_q
   mask_group = 0
   q_ids = kv_ids = mask_i8 = None
-  dynamic = []
   if mask is not None:
-    dynamic.append(block_mask.mask_kinds(
-        mask, q_len=q_len, block_q=block_q, block_kv=block_kv,
-        num_kv_heads=num_kv_heads))
     mb, mn = mask.shape[:2]
     mask_group = group if mn > 1 else 1
     mask_i8 = jnp.broadcast_to(mask, (mb, mn, q_len, kv_len)).reshape(
@@ -140,19 +128,11 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
                                                 (0, 0)))
   if segment_ids is not None:
     q_seg, kv_seg = segment_ids
-    dynamic.append(block_mask.segment_kinds(
-        q_seg, kv_seg, block_q=block_q, block_kv=block_kv))
     q_seg = jnp.pad(q_seg, ((0, 0), (0, padded_q_len - q_len)), mode="edge")
     q_ids = jnp.broadcast_to(q_seg[:, :, None],
                              (batch, padded_q_len, NUM_LANES))
     kv_ids = jnp.broadcast_to(kv_seg[:, None, :],
                               (batch, NUM_SUBLANES, kv_len))
-  if dynamic:
-    kinds = block_mask.combine(jnp.asarray(kinds), *dynamic)
-  fwd_schedule = block_mask.compact(kinds, fwd_steps)
-  dkv_schedule = block_mask.compact(jnp.swapaxes(kinds, -1, -2)
-                                    if dynamic else kinds.swapaxes(-1, -2),
-                                    dkv_steps)
 
   qt = q.reshape(batch, q_len, num_kv_heads, group, head_dim)
   qt = jnp.pad(qt.transpose(0, 2, 3, 1, 4),
@@ -176,6 +156,48 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
                    mask_i8, q_ids, kv_ids, static)
   out = out[:, :, :, :q_len].transpose(0, 3, 1, 2, 4)
   return out.reshape(batch, q_len, num_heads, head_dim)
+
+
+def block_schedules(q_shape, kv_shape, *, mask=None, segment_ids=None,
+                    causal=True, sliding_window=None, block_sizes=None):
+  """The tiles and visiting schedules `attention` runs with.
+
+  Args:
+    q_shape, kv_shape: `(B, T, N, H)` and `(B, S, K, H)`.
+    mask, segment_ids: canonical (`masks.canonical_mask`,
+      `masks.canonical_segment_ids`) or None.
+    causal, sliding_window, block_sizes: as for `attention`.
+
+  Returns:
+    `(block_q, block_kv, forward schedule, dk/dv schedule)`; the forward one
+    also drives dq. Static rules make constant schedules; a mask or segment
+    ids add the pre-pass over them.
+  """
+  _, q_len, num_heads, head_dim = q_shape
+  kv_len, num_kv_heads = kv_shape[1], kv_shape[2]
+  if block_sizes is None:
+    block_sizes = BlockSizes.get_default(group=num_heads // num_kv_heads,
+                                         head_dim=head_dim)
+  block_q = min(block_sizes.block_q, _round_up(q_len, BLOCK_Q_MULTIPLE))
+  block_kv = min(block_sizes.block_kv, _round_up(kv_len, NUM_LANES))
+  kinds = block_mask.static_kinds(
+      q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv,
+      causal=causal, sliding_window=sliding_window)[None, None]
+  # Dynamic rules only remove tiles: the static counts bound the lists.
+  fwd_steps = block_mask.max_count(kinds, axis=-1)
+  dkv_steps = block_mask.max_count(kinds, axis=-2)
+  dynamic = []
+  if mask is not None:
+    dynamic.append(block_mask.mask_kinds(
+        mask, q_len=q_len, block_q=block_q, block_kv=block_kv,
+        num_kv_heads=num_kv_heads))
+  if segment_ids is not None:
+    dynamic.append(block_mask.segment_kinds(
+        *segment_ids, block_q=block_q, block_kv=block_kv))
+  if dynamic:
+    kinds = block_mask.combine(jnp.asarray(kinds), *dynamic)
+  return (block_q, block_kv, block_mask.compact(kinds, fwd_steps),
+          block_mask.compact(kinds.swapaxes(-1, -2), dkv_steps))
 
 
 def _check_args(q, k, v, *, sliding_window, softcap, scale, block_sizes):
