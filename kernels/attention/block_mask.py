@@ -87,22 +87,22 @@ def mask_kinds(mask, *, q_len: int, block_q: int, block_kv: int,
   them in one tile); Km is K for a per-head mask and 1 otherwise.
   """
   bm, nm, tm, kv_len = mask.shape
-  mask = jnp.broadcast_to(mask, (bm, nm, q_len, kv_len))
   km = num_kv_heads if nm > 1 else 1
-  mask = mask.reshape(bm, km, nm // km, q_len, kv_len)
   nq, nk = -(-q_len // block_q), -(-kv_len // block_kv)
-  pad = ((0, 0), (0, 0), (0, 0), (0, nq * block_q - q_len),
-         (0, nk * block_kv - kv_len))
-  blocks = (bm, km, nm // km, nq, block_q, nk, block_kv)
+  # A key mask ([.., 1, S]) is summarized once per key block, not per row.
+  rows, row_block, row_blocks = (
+      (1, 1, 1) if tm == 1 else (nq * block_q, block_q, nq))
+  mask = mask.reshape(bm, km, nm // km, tm, kv_len)
+  pad = ((0, 0), (0, 0), (0, 0), (0, rows - tm), (0, nk * block_kv - kv_len))
+  blocks = (bm, km, nm // km, row_blocks, row_block, nk, block_kv)
   # Padding rows and columns never make a block PARTIAL or non-EMPTY by
   # themselves (the static summary marks a ragged last key block PARTIAL).
   any_visible = jnp.pad(mask, pad, constant_values=False).reshape(
       blocks).any(axis=(2, 4, 6))
   all_visible = jnp.pad(mask, pad, constant_values=True).reshape(
       blocks).all(axis=(2, 4, 6))
-  del tm
-  return jnp.where(any_visible, jnp.where(all_visible, FULL, PARTIAL),
-                   EMPTY).astype(jnp.int32)
+  kinds = jnp.where(any_visible, jnp.where(all_visible, FULL, PARTIAL), EMPTY)
+  return jnp.broadcast_to(kinds, (bm, km, nq, nk)).astype(jnp.int32)
 
 
 def segment_kinds(q_ids, kv_ids, *, block_q: int, block_kv: int) -> jax.Array:

@@ -120,11 +120,13 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
   mask_group = 0
   q_ids = kv_ids = mask_i8 = None
   if mask is not None:
-    mb, mn = mask.shape[:2]
+    mb, mn, mt = mask.shape[:3]
     mask_group = group if mn > 1 else 1
-    mask_i8 = jnp.broadcast_to(mask, (mb, mn, q_len, kv_len)).reshape(
-        mb, mn // mask_group, mask_group, q_len, kv_len).astype(jnp.int8)
-    mask_i8 = jnp.pad(mask_i8, ((0, 0),) * 3 + ((0, padded_q_len - q_len),
+    mask_i8 = mask.reshape(mb, mn // mask_group, mask_group, mt,
+                           kv_len).astype(jnp.int8)
+    # A key mask stays [.., 1, S]: its tiles are (G|1, 1, block_kv).
+    mask_i8 = jnp.pad(mask_i8, ((0, 0),) * 3 + ((0, padded_q_len - q_len)
+                                                if mt > 1 else (0, 0),
                                                 (0, 0)))
   if segment_ids is not None:
     q_seg, kv_seg = segment_ids
@@ -149,6 +151,7 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
       mask_group=mask_group,
       mask_batch=0 if mask_i8 is None else mask_i8.shape[0],
       mask_heads=0 if mask_i8 is None else mask_i8.shape[1],
+      mask_rows=0 if mask_i8 is None else min(mask_i8.shape[3], block_q),
       segments=segment_ids is not None,
       fwd=_layout(fwd_schedule), dkv=_layout(dkv_schedule),
       interpret=interpret)
@@ -269,6 +272,7 @@ class _Static:
   mask_group: int  # heads per mask tile: 0 (no mask), 1 or group
   mask_batch: int
   mask_heads: int
+  mask_rows: int  # block_q, or 1 for a key mask
   segments: bool
   fwd: _Layout
   dkv: _Layout
@@ -335,7 +339,8 @@ def _row_major_specs(static, head_dim, *, with_grads):
   def mask_map(b, h, i, j, entries_ref):
     _, _, mask_block = _entry(lay, entries_ref, b, h, i, j)
     return (b if static.mask_batch > 1 else 0,
-            h if static.mask_heads > 1 else 0, 0, i, mask_block)
+            h if static.mask_heads > 1 else 0, 0,
+            i if static.mask_rows > 1 else 0, mask_block)
 
   def kv_ids_map(b, h, i, j, entries_ref):
     block, _, _ = _entry(lay, entries_ref, b, h, i, j)
@@ -368,7 +373,8 @@ def _col_major_specs(static, head_dim):
   def mask_map(b, h, j, i, entries_ref):
     _, _, mask_block = _entry(lay, entries_ref, b, h, j, i)
     return (b if static.mask_batch > 1 else 0,
-            h if static.mask_heads > 1 else 0, 0, mask_block, j)
+            h if static.mask_heads > 1 else 0, 0,
+            mask_block if static.mask_rows > 1 else 0, j)
 
   def q_ids_map(b, h, j, i, entries_ref):
     block, _, _ = _entry(lay, entries_ref, b, h, j, i)
@@ -387,7 +393,7 @@ def _mask_specs(static, mask_map, q_ids_map, kv_ids_map):
   specs = [None, None, None]
   if static.mask_group:
     specs[0] = pl.BlockSpec(
-        (None, None, static.mask_group, static.block_q, static.block_kv),
+        (None, None, static.mask_group, static.mask_rows, static.block_kv),
         mask_map)
   if static.segments:
     specs[1] = pl.BlockSpec((None, static.block_q, NUM_LANES), q_ids_map)

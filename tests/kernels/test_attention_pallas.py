@@ -36,7 +36,8 @@ def attention_cases(draw):
       num_kv_heads=num_kv_heads,
       head_dim=draw(st.sampled_from([64, 128, 256, 512])),
       q_len=q_len, kv_len=kv_len,
-      mask_rank=draw(st.sampled_from([None, 2, 3, 4, "heads"])),
+      # "key": [B,1,S] as Tunix passes; "heads": [B,N,T,S], one per head.
+      mask_rank=draw(st.sampled_from([None, 2, 3, 4, "key", "heads"])),
       padding=draw(st.sampled_from(["none", "left", "right"])),
       segments=draw(st.booleans()),
       causal=draw(st.booleans()),
@@ -67,7 +68,7 @@ def make_inputs(case):
   if case["mask_rank"] is not None:
     full = np.broadcast_to(valid[:, None, :], (b, t, s))
     per_head = full[:, None] & (rng.random((b, n, t, s)) > 0.3)
-    mask = {2: full[-1], 3: full, 4: full[:, None],
+    mask = {2: full[-1], 3: full, 4: full[:, None], "key": valid[:, None],
             "heads": per_head}[case["mask_rank"]]
   segment_ids = None
   if case["segments"]:

@@ -75,6 +75,20 @@ def test_dynamic_mask_lowers_as_the_tunix_patch_calls_it(q_len, head_dim,
   assert len(_kernel_names(backward)) == 3
 
 
+def test_key_mask_lowers():
+  # A [B,1,S] key mask (Tunix's padding form) is read as (1, block_kv) tiles.
+  q = jax.ShapeDtypeStruct((2, 4096, 8, 256), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 4096, 1, 256), jnp.bfloat16)
+  mask = jax.ShapeDtypeStruct((2, 1, 4096), jnp.bool_)
+
+  def attention(q, k, v, mask):
+    return pallas_tpu.attention(q, k, v, mask=mask, sliding_window=512,
+                                scale=1.0)
+  backward = testing.lower_for_tpu(
+      jax.grad(_loss(attention), argnums=(0, 1, 2)), q, kv, kv, mask)
+  assert len(_kernel_names(backward)) == 3
+
+
 def test_segment_ids_lower():
   q = jax.ShapeDtypeStruct((1, 4096, 8, 256), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, 4096, 1, 256), jnp.bfloat16)
