@@ -99,3 +99,17 @@ def test_segment_ids_lower():
   backward = testing.lower_for_tpu(
       jax.grad(_loss(attention), argnums=(0, 1, 2)), q, kv, kv, ids)
   assert len(_kernel_names(backward)) == 3
+
+
+def test_tpu_benchmark_script_exports(capsys):
+  # benchmarks/tpu_attention.py runs on a v5litepod; here its shape set-up
+  # and both kernels (ours and splash) must at least export for TPU.
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  path = (pathlib.Path(__file__).parents[2] / "benchmarks" /
+          "tpu_attention.py")
+  spec = importlib.util.spec_from_file_location("tpu_attention", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.main(["--dry-run", "--seq-lens", "1024"]) == 0
+  assert capsys.readouterr().out.count("exported") == 8
