@@ -14,6 +14,10 @@ to a block multiple (the padding rows are dropped), keys use a `cdiv` grid
 whose ragged last block is masked and has its out-of-range K/V rows zeroed,
 since that memory may hold anything, NaN included. A query with no visible
 key gets output 0, logsumexp +inf and zero gradients.
+
+This module holds the public entry, the custom_vjp and the pallas_calls; the
+tile math and kernel bodies are in `pallas_tpu_tiles`, the schedules in
+`block_mask`.
 """
 
 from __future__ import annotations
@@ -22,21 +26,18 @@ import dataclasses
 import functools
 
 import jax
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
-import numpy as np
 
 from gemma4_jax import masks
 from gemma4_jax.kernels.attention import block_mask
+from gemma4_jax.kernels.attention import pallas_tpu_tiles as tiles
 
-DEFAULT_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-NUM_LANES = 128
-NUM_SUBLANES = 8
+NUM_LANES = tiles.NUM_LANES
+NUM_SUBLANES = tiles.NUM_SUBLANES
 # int8 mask tiles pack 32 rows per sublane tile; bf16 16, f32 8.
 BLOCK_Q_MULTIPLE = 32
-NT_DIM_NUMBERS = (((1,), (1,)), ((), ()))  # x @ y.T
 # Budget ceiling under v5e's 128 MiB of VMEM, leaving room for Mosaic.
 MAX_VMEM_LIMIT = 100 * 2**20
 MIN_VMEM_LIMIT = 32 * 2**20
@@ -143,7 +144,7 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
   if kv_len < block_kv:  # a block never exceeds its array
     kt, vt = (jnp.pad(x, ((0, 0), (0, 0), (0, block_kv - kv_len), (0, 0)))
               for x in (kt, vt))
-  static = _Static(
+  static = tiles.Static(
       q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv,
       group=group, causal=causal, sliding_window=sliding_window,
       softcap=None if softcap is None else float(softcap),
@@ -153,7 +154,7 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
       mask_heads=0 if mask_i8 is None else mask_i8.shape[1],
       mask_rows=0 if mask_i8 is None else min(mask_i8.shape[3], block_q),
       segments=segment_ids is not None,
-      fwd=_layout(fwd_schedule), dkv=_layout(dkv_schedule),
+      fwd=tiles.layout(fwd_schedule), dkv=tiles.layout(dkv_schedule),
       interpret=interpret)
   out = _attention(qt, kt, vt, fwd_schedule.entries, dkv_schedule.entries,
                    mask_i8, q_ids, kv_ids, static)
@@ -243,50 +244,6 @@ def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
-@dataclasses.dataclass(frozen=True)
-class _Layout:
-  """Static shape of a `block_mask.Schedule` (its entries are an array)."""
-  batch: int
-  heads: int
-  rows: int
-  steps: int
-
-
-def _layout(schedule: block_mask.Schedule) -> _Layout:
-  return _Layout(schedule.batch, schedule.heads, schedule.rows,
-                 schedule.steps)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  """Everything the kernels specialize on (hashable: a custom_vjp nondiff)."""
-  q_len: int
-  kv_len: int
-  block_q: int
-  block_kv: int
-  group: int
-  causal: bool
-  sliding_window: int | None
-  softcap: float | None
-  scale: float
-  mask_group: int  # heads per mask tile: 0 (no mask), 1 or group
-  mask_batch: int
-  mask_heads: int
-  mask_rows: int  # block_q, or 1 for a key mask
-  segments: bool
-  fwd: _Layout
-  dkv: _Layout
-  interpret: bool
-
-  @property
-  def rows(self) -> int:
-    return self.group * self.block_q
-
-  @property
-  def ragged_kv(self) -> bool:
-    return self.kv_len % self.block_kv != 0
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def _attention(q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids,
                static):
@@ -318,11 +275,6 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 # (forward, dq) or a kv block (dk/dv), and the step's schedule entry names
 # the block of the other axis.
 
-def _entry(layout, entries_ref, b, h, row, step):
-  index = block_mask.entry_index(layout, b, h, row, step)
-  return block_mask.unpack(entries_ref[index])
-
-
 def _row_major_specs(static, head_dim, *, with_grads):
   """BlockSpecs for the forward and dq grids (rows are q blocks)."""
   lay = static.fwd
@@ -333,17 +285,17 @@ def _row_major_specs(static, head_dim, *, with_grads):
     return b, h, 0, i, 0
 
   def kv_map(b, h, i, j, entries_ref):
-    block, _, _ = _entry(lay, entries_ref, b, h, i, j)
+    block, _, _ = tiles.entry(lay, entries_ref, b, h, i, j)
     return b, h, block, 0
 
   def mask_map(b, h, i, j, entries_ref):
-    _, _, mask_block = _entry(lay, entries_ref, b, h, i, j)
+    _, _, mask_block = tiles.entry(lay, entries_ref, b, h, i, j)
     return (b if static.mask_batch > 1 else 0,
             h if static.mask_heads > 1 else 0, 0,
             i if static.mask_rows > 1 else 0, mask_block)
 
   def kv_ids_map(b, h, i, j, entries_ref):
-    block, _, _ = _entry(lay, entries_ref, b, h, i, j)
+    block, _, _ = tiles.entry(lay, entries_ref, b, h, i, j)
     return b, 0, block
 
   q_spec = pl.BlockSpec((None, None, g, bq, head_dim), q_map)
@@ -363,7 +315,7 @@ def _col_major_specs(static, head_dim):
   g, bq, bkv = static.group, static.block_q, static.block_kv
 
   def q_map(b, h, j, i, entries_ref):
-    block, _, _ = _entry(lay, entries_ref, b, h, j, i)
+    block, _, _ = tiles.entry(lay, entries_ref, b, h, j, i)
     return b, h, 0, block, 0
 
   def kv_map(b, h, j, i, entries_ref):
@@ -371,13 +323,13 @@ def _col_major_specs(static, head_dim):
     return b, h, j, 0
 
   def mask_map(b, h, j, i, entries_ref):
-    _, _, mask_block = _entry(lay, entries_ref, b, h, j, i)
+    _, _, mask_block = tiles.entry(lay, entries_ref, b, h, j, i)
     return (b if static.mask_batch > 1 else 0,
             h if static.mask_heads > 1 else 0, 0,
             mask_block if static.mask_rows > 1 else 0, j)
 
   def q_ids_map(b, h, j, i, entries_ref):
-    block, _, _ = _entry(lay, entries_ref, b, h, j, i)
+    block, _, _ = tiles.entry(lay, entries_ref, b, h, j, i)
     return b, block, 0
 
   q_spec = pl.BlockSpec((None, None, g, bq, head_dim), q_map)
@@ -441,201 +393,6 @@ def _cost(static, q, k, kernel):
       bytes_accessed=int(bytes_accessed))
 
 
-# The math shared by the three kernels.
-
-def _lanes(x, width):
-  """A `(rows, 128)` lane-replicated column, widened or cut to `width`."""
-  if width <= NUM_LANES:
-    return x[:, :width]
-  return jnp.tile(x, (1, width // NUM_LANES))
-
-
-def _visible(static, q_block, kv_block, mask_ref, q_ids_ref, kv_ids_ref):
-  """Boolean `(1 or G, block_q, block_kv)` visibility of a PARTIAL tile."""
-  shape = (static.block_q, static.block_kv)
-  q_pos = (lax.broadcasted_iota(jnp.int32, shape, 0) + q_block * static.block_q
-           + (static.kv_len - static.q_len))
-  k_pos = lax.broadcasted_iota(jnp.int32, shape, 1) + kv_block * static.block_kv
-  visible = k_pos < static.kv_len
-  if static.causal:
-    visible &= k_pos <= q_pos
-  if static.sliding_window is not None:
-    visible &= k_pos > q_pos - static.sliding_window
-  if q_ids_ref is not None:
-    q_ids = jnp.tile(q_ids_ref[...], (1, static.block_kv // NUM_LANES))
-    visible &= q_ids == kv_ids_ref[:1, :]
-  visible = visible[None]
-  if mask_ref is not None:
-    # Widened first: v5e's VPU compares 32-bit lanes.
-    visible = visible & (mask_ref[...].astype(jnp.int32) != 0)
-  return visible
-
-
-def _where_visible(static, visible, x, fill):
-  x = x.reshape(static.group, static.block_q, static.block_kv)
-  return jnp.where(visible, x, fill).reshape(static.rows, static.block_kv)
-
-
-def _load_kv(static, k_ref, v_ref, kv_block, masked):
-  """K/V tiles; rows past S of the ragged last tile are zeroed (they are
-  undefined memory, and 0 * NaN in p @ v would spread NaN)."""
-  k, v = k_ref[...], v_ref[...]
-  if masked and static.ragged_kv:
-    row = lax.broadcasted_iota(jnp.int32, k.shape, 0)
-    valid = row < static.kv_len - kv_block * static.block_kv
-    # Selected in float32 (v5e has no bf16 VPU); one tile, not per row block.
-    k, v = (jnp.where(valid, x.astype(jnp.float32), 0.0).astype(x.dtype)
-            for x in (k, v))
-  return k, v
-
-
-def _logits(static, q, k):
-  """Scaled, softcapped `q k^T` in float32, and tanh for the gradient."""
-  precision = (lax.Precision.HIGHEST if q.dtype == jnp.float32
-               else lax.Precision.DEFAULT)
-  s = lax.dot_general(q, k, NT_DIM_NUMBERS, precision=precision,
-                      preferred_element_type=jnp.float32)
-  if static.scale != 1.0:
-    s = s * static.scale
-  if static.softcap is None:
-    return s, None
-  t = jnp.tanh(s / static.softcap)
-  return t * static.softcap, t
-
-
-def _probs_and_dlogits(static, q, k, v, d_out, lse, di, visible):
-  """Recomputed probabilities and d(loss)/d(scaled logits) of one tile."""
-  s, t = _logits(static, q, k)
-  p = jnp.exp(s - _lanes(lse, static.block_kv))
-  if visible is not None:
-    p = _where_visible(static, visible, p, 0.0)
-  dp = lax.dot_general(d_out, v, NT_DIM_NUMBERS,
-                       preferred_element_type=jnp.float32)
-  ds = p * (dp - _lanes(di, static.block_kv))
-  if t is not None:
-    ds = ds * (1.0 - t * t)  # d(c tanh(x / c)) / dx
-  return p, ds
-
-
-def _run_by_kind(kind, step):
-  """Runs `step(masked)` for PARTIAL and FULL tiles; EMPTY ones idle."""
-  pl.when(kind == block_mask.PARTIAL)(lambda: step(True))
-  pl.when(kind == block_mask.FULL)(lambda: step(False))
-
-
-# Kernel bodies.
-
-def _forward_kernel(entries_ref, q_ref, k_ref, v_ref, mask_ref, q_ids_ref,
-                    kv_ids_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *,
-                    static):
-  b, h, i, j = (pl.program_id(axis) for axis in range(4))
-  kv_block, kind, _ = _entry(static.fwd, entries_ref, b, h, i, j)
-  rows, head_dim = static.rows, acc_ref.shape[-1]
-
-  @pl.when(j == 0)
-  def init():
-    m_ref[...] = jnp.full_like(m_ref, DEFAULT_MASK_VALUE)
-    l_ref[...] = jnp.zeros_like(l_ref)
-    acc_ref[...] = jnp.zeros_like(acc_ref)
-
-  def step(masked):
-    q = q_ref[...].reshape(rows, head_dim)
-    k, v = _load_kv(static, k_ref, v_ref, kv_block, masked)
-    s, _ = _logits(static, q, k)
-    visible = None
-    if masked:
-      visible = _visible(static, i, kv_block, mask_ref, q_ids_ref, kv_ids_ref)
-      s = _where_visible(static, visible, s, DEFAULT_MASK_VALUE)
-    m_prev, l_prev = m_ref[...], l_ref[...]
-    m_next = jnp.maximum(m_prev, s.max(axis=-1, keepdims=True))
-    p = jnp.exp(s - _lanes(m_next, static.block_kv))
-    if masked:  # a row masked so far has m = mask value, and exp(0) = 1
-      p = _where_visible(static, visible, p, 0.0)
-    alpha = jnp.exp(m_prev - m_next)
-    l_ref[...] = alpha * l_prev + p.sum(axis=-1, keepdims=True)
-    m_ref[...] = m_next
-    pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    acc_ref[...] = _lanes(alpha, head_dim) * acc_ref[...] + pv
-
-  _run_by_kind(kind, step)
-
-  @pl.when(j == static.fwd.steps - 1)
-  def finish():
-    l = l_ref[...]
-    seen = l > 0.0
-    safe_l = jnp.where(seen, l, 1.0)
-    inv = jnp.where(seen, 1.0 / safe_l, 0.0)
-    out = acc_ref[...] * _lanes(inv, head_dim)
-    o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
-    lse = jnp.where(seen, m_ref[...] + jnp.log(safe_l), jnp.inf)
-    lse_ref[...] = lse.reshape(lse_ref.shape)
-
-
-def _dq_kernel(entries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
-               mask_ref, q_ids_ref, kv_ids_ref, dq_ref, acc_ref, *, static):
-  b, h, i, j = (pl.program_id(axis) for axis in range(4))
-  kv_block, kind, _ = _entry(static.fwd, entries_ref, b, h, i, j)
-  rows, head_dim = static.rows, acc_ref.shape[-1]
-
-  @pl.when(j == 0)
-  def init():
-    acc_ref[...] = jnp.zeros_like(acc_ref)
-
-  def step(masked):
-    k, v = _load_kv(static, k_ref, v_ref, kv_block, masked)
-    visible = (_visible(static, i, kv_block, mask_ref, q_ids_ref, kv_ids_ref)
-               if masked else None)
-    _, ds = _probs_and_dlogits(
-        static, q_ref[...].reshape(rows, head_dim), k, v,
-        do_ref[...].reshape(rows, head_dim),
-        lse_ref[...].reshape(rows, NUM_LANES),
-        di_ref[...].reshape(rows, NUM_LANES), visible)
-    acc_ref[...] += lax.dot(ds.astype(k.dtype), k,
-                            preferred_element_type=jnp.float32)
-
-  _run_by_kind(kind, step)
-
-  @pl.when(j == static.fwd.steps - 1)
-  def finish():
-    dq = acc_ref[...] * static.scale
-    dq_ref[...] = dq.reshape(dq_ref.shape).astype(dq_ref.dtype)
-
-
-def _dkv_kernel(entries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
-                mask_ref, q_ids_ref, kv_ids_ref, dk_ref, dv_ref, dk_acc_ref,
-                dv_acc_ref, *, static):
-  b, h, j, i = (pl.program_id(axis) for axis in range(4))
-  q_block, kind, _ = _entry(static.dkv, entries_ref, b, h, j, i)
-  rows, head_dim = static.rows, dk_acc_ref.shape[-1]
-
-  @pl.when(i == 0)
-  def init():
-    dk_acc_ref[...] = jnp.zeros_like(dk_acc_ref)
-    dv_acc_ref[...] = jnp.zeros_like(dv_acc_ref)
-
-  def step(masked):
-    k, v = _load_kv(static, k_ref, v_ref, j, masked)
-    visible = (_visible(static, q_block, j, mask_ref, q_ids_ref, kv_ids_ref)
-               if masked else None)
-    q = q_ref[...].reshape(rows, head_dim)
-    d_out = do_ref[...].reshape(rows, head_dim)
-    p, ds = _probs_and_dlogits(
-        static, q, k, v, d_out, lse_ref[...].reshape(rows, NUM_LANES),
-        di_ref[...].reshape(rows, NUM_LANES), visible)
-    # Rows hold every head of the group: these sums reduce over heads too.
-    dv_acc_ref[...] += lax.dot(p.T.astype(d_out.dtype), d_out,
-                               preferred_element_type=jnp.float32)
-    dk_acc_ref[...] += lax.dot(ds.T.astype(q.dtype), q,
-                               preferred_element_type=jnp.float32)
-
-  _run_by_kind(kind, step)
-
-  @pl.when(i == static.dkv.steps - 1)
-  def finish():
-    dk_ref[...] = (dk_acc_ref[...] * static.scale).astype(dk_ref.dtype)
-    dv_ref[...] = dv_acc_ref[...].astype(dv_ref.dtype)
-
-
 # pallas_calls.
 
 def _forward(q, k, v, entries, mask, q_ids, kv_ids, static):
@@ -646,7 +403,7 @@ def _forward(q, k, v, entries, mask, q_ids, kv_ids, static):
                jax.ShapeDtypeStruct((batch, num_kv_heads, group, padded_q_len,
                                      NUM_LANES), jnp.float32)]
   out, lse = pl.pallas_call(
-      functools.partial(_forward_kernel, static=static),
+      functools.partial(tiles.forward_kernel, static=static),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
           grid=(batch, num_kv_heads, static.fwd.rows, static.fwd.steps),
@@ -669,7 +426,7 @@ def _backward_dq(q, k, v, d_out, lse, di, entries, mask, q_ids, kv_ids,
   batch, num_kv_heads, _, _, head_dim = q.shape
   in_specs, q_spec, _ = _row_major_specs(static, head_dim, with_grads=True)
   return pl.pallas_call(
-      functools.partial(_dq_kernel, static=static),
+      functools.partial(tiles.dq_kernel, static=static),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
           grid=(batch, num_kv_heads, static.fwd.rows, static.fwd.steps),
@@ -690,7 +447,7 @@ def _backward_dkv(q, k, v, d_out, lse, di, entries, mask, q_ids, kv_ids,
   in_specs, kv_spec = _col_major_specs(static, head_dim)
   kv_shape = jax.ShapeDtypeStruct(k.shape, k.dtype)
   return pl.pallas_call(
-      functools.partial(_dkv_kernel, static=static),
+      functools.partial(tiles.dkv_kernel, static=static),
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
           grid=(batch, num_kv_heads, static.dkv.rows, static.dkv.steps),
