@@ -49,12 +49,14 @@ class BlockSizes:
   head: the tile has `G * block_q` rows) against `block_kv` keys.
 
   VMEM per grid step, bf16, v5e defaults (R = G * block_q = 1024 rows,
-  block_kv = 512), double-buffered inputs and outputs, f32 temporaries:
-    head_dim 256: fwd ~14 MiB (q/o 2x1 MiB each, K/V 2x256 KiB each, lse
-      2x512 KiB, m/l/acc 2 MiB, s/p and mask temporaries ~8 MiB);
-      dk/dv ~21 MiB (q/do 2 MiB each, s, p, dp, ds 2 MiB each).
-    head_dim 512: fwd ~20 MiB, dk/dv ~30 MiB.
-  `_vmem_limit` derives the limit from the same sum (2x margin, 32-100 MiB).
+  block_kv = 512; double-buffered q/o/do tiles 2 x R x H x 2 B each, K and V
+  2 x 512 x H x 2 B each, lse/di 2 x R x 128 x 4 B each, f32 temporaries
+  R x 512 x 4 B = 2 MiB each (s, p, masks; dp, ds in the backward), f32
+  accumulators):
+    head_dim 256: fwd 14 MiB, dq 17 MiB, dk/dv 18 MiB;
+    head_dim 512: fwd 18 MiB, dq 22 MiB, dk/dv 22 MiB.
+  `_vmem_limit` computes the same sum and asks for twice it, clamped to
+  32-100 MiB (v5e has 128 MiB; the default scoped limit is 16 MiB).
   """
   block_q: int
   block_kv: int

@@ -20,6 +20,7 @@ from gemma4_jax.kernels.attention import block_mask
 DEFAULT_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 NUM_LANES = 128
 NUM_SUBLANES = 8
+NN_DIM_NUMBERS = (((1,), (0,)), ((), ()))  # x @ y
 NT_DIM_NUMBERS = (((1,), (1,)), ((), ()))  # x @ y.T
 
 
@@ -122,12 +123,18 @@ def _load_kv(static, k_ref, v_ref, kv_block, masked):
   return k, v
 
 
+def _dot(x, y, dimension_numbers=NN_DIM_NUMBERS):
+  """float32-accumulated matmul; float32 operands at full precision (the
+  TPU default would round them to one bf16 pass)."""
+  precision = (lax.Precision.HIGHEST if x.dtype == jnp.float32
+               else lax.Precision.DEFAULT)
+  return lax.dot_general(x, y, dimension_numbers, precision=precision,
+                         preferred_element_type=jnp.float32)
+
+
 def _logits(static, q, k):
   """Scaled, softcapped `q k^T` in float32, and tanh for the gradient."""
-  precision = (lax.Precision.HIGHEST if q.dtype == jnp.float32
-               else lax.Precision.DEFAULT)
-  s = lax.dot_general(q, k, NT_DIM_NUMBERS, precision=precision,
-                      preferred_element_type=jnp.float32)
+  s = _dot(q, k, NT_DIM_NUMBERS)
   if static.scale != 1.0:
     s = s * static.scale
   if static.softcap is None:
@@ -142,8 +149,7 @@ def _probs_and_dlogits(static, q, k, v, d_out, lse, di, visible):
   p = jnp.exp(s - _lanes(lse, static.block_kv))
   if visible is not None:
     p = _where_visible(static, visible, p, 0.0)
-  dp = lax.dot_general(d_out, v, NT_DIM_NUMBERS,
-                       preferred_element_type=jnp.float32)
+  dp = _dot(d_out, v, NT_DIM_NUMBERS)
   ds = p * (dp - _lanes(di, static.block_kv))
   if t is not None:
     ds = ds * (1.0 - t * t)  # d(c tanh(x / c)) / dx
@@ -187,7 +193,7 @@ def forward_kernel(entries_ref, q_ref, k_ref, v_ref, mask_ref, q_ids_ref,
     alpha = jnp.exp(m_prev - m_next)
     l_ref[...] = alpha * l_prev + p.sum(axis=-1, keepdims=True)
     m_ref[...] = m_next
-    pv = lax.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    pv = _dot(p.astype(v.dtype), v)
     acc_ref[...] = _lanes(alpha, head_dim) * acc_ref[...] + pv
 
   _run_by_kind(kind, step)
@@ -223,8 +229,7 @@ def dq_kernel(entries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
         do_ref[...].reshape(rows, head_dim),
         lse_ref[...].reshape(rows, NUM_LANES),
         di_ref[...].reshape(rows, NUM_LANES), visible)
-    acc_ref[...] += lax.dot(ds.astype(k.dtype), k,
-                            preferred_element_type=jnp.float32)
+    acc_ref[...] += _dot(ds.astype(k.dtype), k)
 
   _run_by_kind(kind, step)
 
@@ -256,10 +261,8 @@ def dkv_kernel(entries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
         static, q, k, v, d_out, lse_ref[...].reshape(rows, NUM_LANES),
         di_ref[...].reshape(rows, NUM_LANES), visible)
     # Rows hold every head of the group: these sums reduce over heads too.
-    dv_acc_ref[...] += lax.dot(p.T.astype(d_out.dtype), d_out,
-                               preferred_element_type=jnp.float32)
-    dk_acc_ref[...] += lax.dot(ds.T.astype(q.dtype), q,
-                               preferred_element_type=jnp.float32)
+    dv_acc_ref[...] += _dot(p.T.astype(d_out.dtype), d_out)
+    dk_acc_ref[...] += _dot(ds.T.astype(q.dtype), q)
 
   _run_by_kind(kind, step)
 

@@ -113,3 +113,15 @@ def test_tpu_benchmark_script_exports(capsys):
   spec.loader.exec_module(module)
   assert module.main(["--dry-run", "--seq-lens", "1024"]) == 0
   assert capsys.readouterr().out.count("exported") == 8
+
+
+def test_float32_lowers():
+  # float32 matmuls ask Mosaic for full precision.
+  q = jax.ShapeDtypeStruct((1, 1000, 8, 256), jnp.float32)
+  kv = jax.ShapeDtypeStruct((1, 1000, 1, 256), jnp.float32)
+
+  def attention(q, k, v):
+    return pallas_tpu.attention(q, k, v, sliding_window=512, softcap=30.0)
+  backward = testing.lower_for_tpu(
+      jax.grad(_loss(attention), argnums=(0, 1, 2)), q, kv, kv)
+  assert len(_kernel_names(backward)) == 3
