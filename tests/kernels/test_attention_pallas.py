@@ -183,20 +183,22 @@ def test_nan_past_the_keys_does_not_leak():
   check_against_reference(case, q, k, v, causal=False)
 
 
-def test_splash_attention_parity():
+@pytest.mark.parametrize("window", [100, None], ids=["local", "causal"])
+def test_splash_attention_parity(window):
   """JAX's splash attention (interpret mode) as an independent oracle, on
   what it supports: MQA, causal and local masks, softcap, segment ids."""
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=g-import-not-at-top
       splash_attention_kernel as splash, splash_attention_mask as splash_mask)
-  t, n, h, window = 256, 4, 128, 100
+  t, n, h = 256, 4, 128
   rng = np.random.default_rng(0)
   q = jnp.asarray(rng.normal(size=(1, t, n, h)), jnp.float32)
   k, v = (jnp.asarray(rng.normal(size=(1, t, 1, h)), jnp.float32)
           for _ in range(2))
   ids = jnp.asarray(np.repeat([0, 1], [100, 156])[None], jnp.int32)
   # Splash's LocalMask((left, 0)) lets query i see keys i-left..i: W = left+1.
-  mask = splash_mask.MultiHeadMask(
-      [splash_mask.LocalMask((t, t), (window - 1, 0), offset=0)] * n)
+  head_mask = (splash_mask.CausalMask((t, t)) if window is None else
+               splash_mask.LocalMask((t, t), (window - 1, 0), offset=0))
+  mask = splash_mask.MultiHeadMask([head_mask] * n)
   kernel = splash.make_splash_mqa_single_device(
       mask, block_sizes=splash.BlockSizes.get_default(), interpret=True,
       attn_logits_soft_cap=30.0)

@@ -89,6 +89,19 @@ def test_key_mask_lowers():
   assert len(_kernel_names(backward)) == 3
 
 
+def test_decode_lowers():
+  # One query against an 8192-entry cache with a [B,1,S] validity mask.
+  q = jax.ShapeDtypeStruct((2, 1, 8, 256), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((2, 8192, 1, 256), jnp.bfloat16)
+  mask = jax.ShapeDtypeStruct((2, 1, 8192), jnp.bool_)
+
+  def attention(q, k, v, mask):
+    return pallas_tpu.attention(q, k, v, mask=mask, sliding_window=512,
+                                scale=1.0)
+  exported = testing.lower_for_tpu(attention, q, kv, kv, mask)
+  assert _kernel_names(exported) == {"gemma4_flash_attention_fwd"}
+
+
 def test_segment_ids_lower():
   q = jax.ShapeDtypeStruct((1, 4096, 8, 256), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, 4096, 1, 256), jnp.bfloat16)
