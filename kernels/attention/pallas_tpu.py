@@ -382,7 +382,8 @@ def _vmem_limit(static, head_dim, itemsize, kernel) -> int:
 def _cost(static, q, k, kernel):
   """Upper bound (all scheduled steps run) for XLA's scheduler."""
   batch, num_kv_heads, _, _, head_dim = q.shape
-  tiles = batch * num_kv_heads * (static.fwd.rows * static.fwd.steps)
+  layout = static.dkv if kernel == "dkv" else static.fwd
+  tiles = batch * num_kv_heads * layout.rows * layout.steps
   tile_elems = static.rows * static.block_kv
   matmuls = {"fwd": 2, "dq": 3, "dkv": 4}[kernel]
   itemsize = q.dtype.itemsize
