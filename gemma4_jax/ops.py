@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from gemma4_jax import implementations
 from gemma4_jax import masks
+from gemma4_jax.kernels.attention import pallas_tpu as attention_pallas_tpu
 from gemma4_jax.kernels.attention import xla as attention_xla
 from gemma4_jax.kernels.ple import combine as ple_combine
 from gemma4_jax.kernels.ple import host as ple_host
@@ -21,6 +22,7 @@ from gemma4_jax.reference import attention as attention_reference
 from gemma4_jax.reference import ple as ple_reference
 
 _ATTENTION = {
+    implementations.PALLAS_TPU: attention_pallas_tpu.attention,
     implementations.XLA: attention_xla.attention,
     implementations.REFERENCE: attention_reference.attention,
 }
@@ -49,7 +51,8 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
       itself, Tunix's convention).
     softcap: c; logits become c * tanh(logits / c) before masking.
     scale: multiplies q k^T; defaults to H ** -0.5 (Gemma 4 uses 1.0).
-    implementation: None, "xla" or "reference" (see module docstring).
+    implementation: None, "pallas_tpu", "xla" or "reference" (see module
+      docstring).
     interpret: run a Pallas kernel in interpret mode (CPU).
 
   Returns:
@@ -63,9 +66,12 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
                         scale=scale)
   name = implementations.resolve("attention", implementation,
                                  tuple(_ATTENTION), interpret=interpret)
+  # Only the Pallas kernel has an interpret mode.
+  extra = ({"interpret": interpret} if name == implementations.PALLAS_TPU
+           else {})
   return _ATTENTION[name](q, k, v, mask=mask, segment_ids=segment_ids,
                           causal=causal, sliding_window=sliding_window,
-                          softcap=softcap, scale=scale)
+                          softcap=softcap, scale=scale, **extra)
 
 
 def _check_attention_args(q, k, v, *, mask, segment_ids, sliding_window,

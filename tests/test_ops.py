@@ -32,10 +32,11 @@ def test_unknown_implementation_is_a_value_error():
     ops.attention(*_qkv(), implementation="flash")
 
 
-def test_pallas_is_not_available_for_attention_yet():
-  # Naming an implementation the op does not have never falls back silently.
-  with pytest.raises(ValueError, match="not available"):
+def test_pallas_attention_off_tpu_needs_interpret():
+  # Naming an implementation that cannot run never falls back silently.
+  with pytest.raises(RuntimeError, match="cannot run on backend 'cpu'"):
     ops.attention(*_qkv(), implementation="pallas_tpu")
+  assert ops.AVAILABLE["attention"][0] == "pallas_tpu"
 
 
 def test_explicit_pallas_without_tpu_raises():
