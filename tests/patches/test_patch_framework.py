@@ -202,7 +202,8 @@ def test_failure_while_patching_rolls_back_everything():
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(implementation="fast"), ValueError, "unknown implementation 'fast'"),
-    (dict(implementation="pallas_tpu"), ValueError, "not available for this"),
+    (dict(implementation="pallas_tpu"), RuntimeError,
+     "cannot run on backend 'cpu'.*interpret=True"),
     (dict(implementation=3), TypeError, "implementation must be a str"),
     (dict(attention="yes"), TypeError, "attention must be a bool"),
     (dict(loss=None), TypeError, "loss must be a bool"),
