@@ -185,6 +185,16 @@ def synthetic_batches(num_batches: int, *, batch_size: int, seq_len: int,
   return batches
 
 
+def sft_loss(model, input_tokens, input_mask, positions, attention_mask):
+  """Tunix's default SFT loss (what `PeftTrainer` uses when given none) as a
+  scalar: google-tunix 0.1.7 returns one, Tunix main a `LossOutput`."""
+  loss = peft_trainer._default_loss_fn(  # pylint: disable=protected-access
+      model, input_tokens, input_mask, positions, attention_mask)
+  if hasattr(loss, "primary_loss"):
+    return loss.primary_loss.compute()
+  return loss
+
+
 def model_inputs(batch: peft_trainer.TrainingInput) -> dict:
   """Tunix's usual `gen_model_input_fn`: positions from the mask (so left
   padding starts at position 0) and the causal padding mask `[B, T, T]`."""

@@ -32,8 +32,7 @@ pytestmark = pytest.mark.slow
 
 VOCAB = 256
 WINDOW = 8
-# Tunix's default SFT loss (what PeftTrainer uses when given none).
-sft_loss = peft_trainer._default_loss_fn  # pylint: disable=protected-access
+sft_loss = tiny_models.sft_loss
 
 
 @pytest.fixture(autouse=True)

@@ -29,16 +29,7 @@ VOCAB = 64
 
 
 def _loss(model, inputs):
-  """Next-token cross-entropy over the unpadded targets (written here: Tunix
-  0.1.7's and main's SFT loss functions return different types)."""
-  tokens = jnp.asarray(inputs["input_tokens"])
-  logits = model(tokens, inputs["positions"], None,
-                 inputs["attention_mask"])[0]
-  log_probs = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
-  targets = jnp.clip(tokens[:, 1:], 0, VOCAB - 1)[..., None]
-  nll = -jnp.take_along_axis(log_probs, targets, axis=-1)[..., 0]
-  weights = jnp.asarray(inputs["input_mask"])[:, 1:].astype(nll.dtype)
-  return jnp.sum(nll * weights) / jnp.sum(weights)
+  return tiny_models.sft_loss(model, **inputs)
 
 
 @pytest.fixture(autouse=True)
