@@ -139,22 +139,27 @@ def fused_matmul(x, w, a, b, *, scale: float, rank: int, adapter_ids=None,
   grid = (pl.cdiv(m, tm), num_n, num_k)
 
   def x_map(i, j, k):
-    return k // kx, i, k % kx
+    group, block = _split(k, kx)
+    return group, i, block
 
   if transpose_w:
     w_block = (None, tn, tk)
     def w_map(i, j, k):
-      return k // kw, j, k % kw
+      group, block = _split(k, kw)
+      return group, j, block
     ws_block = (None, 1, tk)
     def ws_map(i, j, k):
-      return k // kw, 0, k % kw
+      group, block = _split(k, kw)
+      return group, 0, block
   else:
     w_block = (None, tk, tn)
     def w_map(i, j, k):
-      return j // nw, k, j % nw
+      group, block = _split(j, nw)
+      return group, k, block
     ws_block = (None, 1, tn)
     def ws_map(i, j, k):
-      return j // nw, 0, j % nw
+      group, block = _split(j, nw)
+      return group, 0, block
 
   def a_map(i, j, k):
     # After the first column block, x @ A is done: keep the last A block
@@ -176,8 +181,10 @@ def fused_matmul(x, w, a, b, *, scale: float, rank: int, adapter_ids=None,
   args += [a, b]
 
   out_shape = [jax.ShapeDtypeStruct((out_groups, m, no_per_out), x.dtype)]
-  out_specs = [pl.BlockSpec((None, tm, tn),
-                            lambda i, j, k: (j // nout, i, j % nout))]
+  def out_map(i, j, k):
+    group, block = _split(j, nout)
+    return group, i, block
+  out_specs = [pl.BlockSpec((None, tm, tn), out_map)]
   if save_down:
     out_shape.append(jax.ShapeDtypeStruct((m, r_pad), jnp.float32))
     out_specs.append(pl.BlockSpec((tm, r_pad), lambda i, j, k: (i, 0)))
@@ -204,6 +211,14 @@ def fused_matmul(x, w, a, b, *, scale: float, rank: int, adapter_ids=None,
       interpret=interpret,
   )(*args)
   return tuple(outputs) if save_down else outputs[0]
+
+
+def _split(index, blocks_per_group: int):
+  """A block index -> (group, block in group); non-negative, so lax.div."""
+  if blocks_per_group == 1:
+    return index, 0
+  return (jax.lax.div(index, blocks_per_group),
+          jax.lax.rem(index, blocks_per_group))
 
 
 def cost_estimate(*, m, kc, no, r_pad, tm, tn, x_dtype, w_dtype, lora_dtype,
@@ -265,8 +280,8 @@ def _fused_kernel(*refs, scale, rank, num_k, has_ids, has_w_scale,
   def _epilogue():
     down = down_ref[...]
     if has_ids:
-      column_adapter = jax.lax.broadcasted_iota(jnp.int32, down.shape,
-                                                1) // rank
+      column_adapter = jax.lax.div(
+          jax.lax.broadcasted_iota(jnp.int32, down.shape, 1), rank)
       down = jnp.where(column_adapter == ids_ref[...], down, 0.0)
     if save_down:
       down_out_ref[...] = down

@@ -151,7 +151,10 @@ class _Config:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _fused(x, w, w_scale, a, b, ids, config):
-  return _fused_fwd(x, w, w_scale, a, b, ids, config)[0]
+  return kernel.fused_matmul(
+      x[None], w, a, b, scale=config.scale, rank=config.rank,
+      adapter_ids=ids, w_scale=w_scale, out_groups=config.out_groups,
+      tm=config.tm, tk=config.tk, tn=config.tn, interpret=config.interpret)
 
 
 def _fused_fwd(x, w, w_scale, a, b, ids, config):
