@@ -16,6 +16,7 @@ from gemma4_jax.kernels.attention import xla as attention_xla
 from gemma4_jax.kernels.lora import common as lora_common
 from gemma4_jax.kernels.lora import einsum as lora_einsum_lib
 from gemma4_jax.kernels.lora import pallas as lora_pallas
+from gemma4_jax.kernels.lora import sharding as lora_sharding
 from gemma4_jax.kernels.lora import xla as lora_xla
 from gemma4_jax.reference import attention as attention_reference
 from gemma4_jax.reference import lora as lora_reference
@@ -167,8 +168,8 @@ def lora_matmul(x, w, a, b, *, scale, adapter_ids=None, w_scale=None,
   return out.reshape(*lead, n)
 
 
-def lora_einsum(equation, x, w, lora_a, lora_b, *, scale,
-                implementation=None, interpret=False):
+def lora_einsum(equation, x, w, lora_a, lora_b, *, scale, mesh=None,
+                w_axes=None, implementation=None, interpret=False):
   """qwix's LoRA einsum `einsum(equation, x, w) + scale * einsum(x, a, b)`.
 
   `lora_a` holds w's axes shared with x (in w's order) and the rank,
@@ -182,6 +183,9 @@ def lora_einsum(equation, x, w, lora_a, lora_b, *, scale,
       for the Pallas kernel).
     lora_a, lora_b: the adapter; one floating dtype.
     scale: `alpha / rank`.
+    mesh: optional mesh (e.g. Tunix's `('fsdp','tp')`): run per shard in
+      `jax.shard_map` (`kernels/lora/sharding.py`); needs `w_axes`.
+    w_axes: the mesh axis (or None) of each dim of `w`, as Tunix shards it.
     implementation, interpret: as `lora_matmul`.
 
   Returns:
@@ -212,17 +216,30 @@ def lora_einsum(equation, x, w, lora_a, lora_b, *, scale,
       adapter_ids=None, w_scale=None)
   name = implementations.resolve("lora_matmul", implementation,
                                  AVAILABLE["lora_matmul"], interpret=interpret)
-  if name == implementations.REFERENCE:
-    return lora_reference.lora_einsum(equation, x, w, lora_a, lora_b,
-                                      scale=scale)
-  if name == implementations.XLA:
-    return lora_einsum_lib.run_xla(plan, equation, x, w, lora_a, lora_b,
-                                   scale=scale)
-  if x.dtype not in lora_common.KERNEL_DTYPES:
+  if name == implementations.PALLAS_TPU and x.dtype not in (
+      lora_common.KERNEL_DTYPES):
     raise TypeError(f"lora_einsum: the Pallas kernel takes float32 or "
                     f"bfloat16 x, got {x.dtype}")
-  return lora_einsum_lib.run_pallas(plan, x, w, lora_a, lora_b, scale=scale,
-                                    interpret=interpret)
+
+  def local(x, w, lora_a, lora_b):
+    if name == implementations.REFERENCE:
+      return lora_reference.lora_einsum(equation, x, w, lora_a, lora_b,
+                                        scale=scale)
+    local_plan = lora_einsum_lib.plan(equation, x.shape, w.shape)
+    if name == implementations.XLA:
+      return lora_einsum_lib.run_xla(local_plan, equation, x, w, lora_a,
+                                     lora_b, scale=scale)
+    return lora_einsum_lib.run_pallas(local_plan, x, w, lora_a, lora_b,
+                                      scale=scale, interpret=interpret)
+
+  if mesh is None:
+    return local(x, w, lora_a, lora_b)
+  if w_axes is None or len(w_axes) > w.ndim:
+    raise ValueError(f"lora_einsum: with a mesh, w_axes must name a mesh "
+                     f"axis or None for each of w's {w.ndim} dims, got "
+                     f"{w_axes!r}")
+  return lora_sharding.shard_einsum(local, equation, x, w, lora_a, lora_b,
+                                    mesh=mesh, w_axes=w_axes)
 
 
 def lora_einsum_plan(equation, x_shape, w_shape):

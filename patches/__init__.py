@@ -9,10 +9,10 @@ patches.revert()              # originals back (the same function objects)
 print(patches.status())       # what can be patched here, what is
 ```
 
-One flag per feature. Only `attention` has a patch so far (Tunix Gemma 4
-`Attention.block`, see `tunix_attention`); `ple`, `lora` and `loss` are
-accepted and reported as "not available" (nothing is patched for them, and
-the default `apply()` does not fail because of them).
+One flag per feature. `attention` patches Tunix Gemma 4 `Attention.block`
+(see `tunix_attention`), `lora` qwix's LoRA interceptor (see `qwix_lora`);
+`ple` and `loss` are accepted and reported as "not available" (nothing is
+patched for them, and the default `apply()` does not fail because of them).
 
 `apply()` is idempotent, checks every target before touching any (installed
 version against the tested ones, presence and signature of each attribute it
@@ -33,6 +33,7 @@ import contextlib
 from gemma4_jax import implementations
 from gemma4_jax import ops
 from gemma4_jax.patches import _framework
+from gemma4_jax.patches import qwix_lora
 from gemma4_jax.patches import tunix_attention
 from gemma4_jax.patches._framework import PatchReport
 from gemma4_jax.patches._framework import Status
@@ -48,7 +49,7 @@ __all__ = ["apply", "revert", "applied", "status", "PatchReport", "Status",
 _TARGETS = {
     "attention": tunix_attention.target,
     "ple": None,
-    "lora": None,
+    "lora": qwix_lora.target,
     "loss": None,
 }
 _NO_PATCH_YET = "gemma4_jax has no patch for this feature yet"
@@ -62,7 +63,10 @@ def apply(*, attention: bool = True, ple: bool = True, lora: bool = True,
   Args:
     attention: route Tunix Gemma 4 attention (prefill and training; decode
       stays Tunix's) through `gemma4_jax.ops.attention`.
-    ple, lora, loss: accepted; no patch exists for them yet, so they are
+    lora: route qwix LoRA einsum/dot_general (every Gemma 4 projection)
+      through `gemma4_jax.ops.lora_einsum`/`lora_matmul` (see `qwix_lora`
+      for what stays on qwix's path; the report names it).
+    ple, loss: accepted; no patch exists for them yet, so they are
       reported as not available.
     implementation: passed to every op the patches call: None (Pallas on
       TPU, XLA elsewhere, `GEMMA4_JAX_IMPLEMENTATION` overrides), "xla",
@@ -103,7 +107,8 @@ def apply(*, attention: bool = True, ple: bool = True, lora: bool = True,
         reports.append(TargetReport(
             feature, target.name, _framework.PATCHED,
             f"{target.distribution} {version}"
-            f"{'' if known else ', untested version'}"))
+            f"{'' if known else ', untested version'}"
+            f"{'; ' + target.note if target.note else ''}"))
     _framework.install(tuple(plan), options)
   return PatchReport(
       targets=tuple(reports), implementation=implementation,

@@ -81,6 +81,7 @@ class Target:
       supports ("google-tunix 0.1.7 (tunix.models.gemma4.model)").
     requirements: what `make_replacement` relies on.
     make_replacement: `(original, options: OpOptions) -> replacement`.
+    note: appended to the report's reason (e.g. what stays unpatched).
   """
   feature: str
   module: str
@@ -90,6 +91,7 @@ class Target:
   known_to_work: str
   requirements: tuple[Requirement, ...]
   make_replacement: Callable[[Callable, OpOptions], Callable]
+  note: str = ""
 
   @property
   def name(self) -> str:
