@@ -168,8 +168,9 @@ def lora_matmul(x, w, a, b, *, scale, adapter_ids=None, w_scale=None,
   return out.reshape(*lead, n)
 
 
-def lora_einsum(equation, x, w, lora_a, lora_b, *, scale, mesh=None,
-                w_axes=None, implementation=None, interpret=False):
+def lora_einsum(equation, x, w, lora_a, lora_b, *, scale, w_scale=None,
+                mesh=None, w_axes=None, implementation=None,
+                interpret=False):
   """qwix's LoRA einsum `einsum(equation, x, w) + scale * einsum(x, a, b)`.
 
   `lora_a` holds w's axes shared with x (in w's order) and the rank,
@@ -180,9 +181,11 @@ def lora_einsum(equation, x, w, lora_a, lora_b, *, scale, mesh=None,
   Args:
     equation: two operands, letters only, e.g. `"BTD,NDH->BTNH"`.
     x, w: the einsum's operands; same floating dtype (float32 or bfloat16
-      for the Pallas kernel).
+      for the Pallas kernel), or an int8 `w` with `w_scale`.
     lora_a, lora_b: the adapter; one floating dtype.
     scale: `alpha / rank`.
+    w_scale: per-channel scales of an int8 `w`: w's shape with 1 on the
+      contracted axes (qwix's channelwise int8), `w_float = w * w_scale`.
     mesh: optional mesh (e.g. Tunix's `('fsdp','tp')`): run per shard in
       `jax.shard_map` (`kernels/lora/sharding.py`); needs `w_axes`.
     w_axes: the mesh axis (or None) of each dim of `w`, as Tunix shards it.
@@ -208,12 +211,21 @@ def lora_einsum(equation, x, w, lora_a, lora_b, *, scale, mesh=None,
     raise ValueError(f"for {equation!r} with w {w.shape}, lora_a must be "
                      f"{want_a} and lora_b {want_b}, got lora_a "
                      f"{lora_a.shape} and lora_b {lora_b.shape}")
+  scale_2d = None
+  if w_scale is not None:
+    want = tuple(1 if c in equation.split(",")[0] else d for c, d in zip(
+        equation.split("->")[0].split(",")[1], w.shape))
+    if getattr(w_scale, "shape", None) != want:
+      raise ValueError(f"w_scale must be {want} (w's shape with 1 on the "
+                       f"contracted axes), got "
+                       f"{getattr(w_scale, 'shape', None)}")
+    scale_2d = jax.ShapeDtypeStruct((plan.n,), w_scale.dtype)
   lora_common.check_lora_matmul_args(
       x.reshape(plan.m, plan.k), jax.ShapeDtypeStruct((plan.k, plan.n),
                                                       w.dtype),
       jax.ShapeDtypeStruct((plan.k, rank), lora_a.dtype),
       jax.ShapeDtypeStruct((rank, plan.n), lora_b.dtype), scale=scale,
-      adapter_ids=None, w_scale=None)
+      adapter_ids=None, w_scale=scale_2d)
   name = implementations.resolve("lora_matmul", implementation,
                                  AVAILABLE["lora_matmul"], interpret=interpret)
   if name == implementations.PALLAS_TPU and x.dtype not in (
@@ -221,25 +233,29 @@ def lora_einsum(equation, x, w, lora_a, lora_b, *, scale, mesh=None,
     raise TypeError(f"lora_einsum: the Pallas kernel takes float32 or "
                     f"bfloat16 x, got {x.dtype}")
 
-  def local(x, w, lora_a, lora_b):
+  def local(x, w, lora_a, lora_b, w_scale):
     if name == implementations.REFERENCE:
+      if w_scale is not None:
+        w = w.astype(jnp.float32) * w_scale
       return lora_reference.lora_einsum(equation, x, w, lora_a, lora_b,
                                         scale=scale)
     local_plan = lora_einsum_lib.plan(equation, x.shape, w.shape)
     if name == implementations.XLA:
       return lora_einsum_lib.run_xla(local_plan, equation, x, w, lora_a,
-                                     lora_b, scale=scale)
+                                     lora_b, scale=scale, w_scale=w_scale)
     return lora_einsum_lib.run_pallas(local_plan, x, w, lora_a, lora_b,
-                                      scale=scale, interpret=interpret)
+                                      scale=scale, w_scale=w_scale,
+                                      interpret=interpret)
 
   if mesh is None:
-    return local(x, w, lora_a, lora_b)
+    return local(x, w, lora_a, lora_b, w_scale)
   if w_axes is None or len(w_axes) > w.ndim:
     raise ValueError(f"lora_einsum: with a mesh, w_axes must name a mesh "
                      f"axis or None for each of w's {w.ndim} dims, got "
                      f"{w_axes!r}")
   return lora_sharding.shard_einsum(local, equation, x, w, lora_a, lora_b,
-                                    mesh=mesh, w_axes=w_axes)
+                                    mesh=mesh, w_axes=w_axes,
+                                    w_scale=w_scale)
 
 
 def lora_einsum_plan(equation, x_shape, w_shape):

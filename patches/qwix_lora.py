@@ -16,9 +16,15 @@ shardings are qwix's), the same `<weight>_lora_einsum_str` attribute, and
 the result in qwix's dtype (`result_type(x, w, lora_a, lora_b)`). Numerics
 differ only in that `x @ A` stays in float32.
 
+A QLoRA base that qwix quantized to per-channel symmetric int8
+(`weight_qtype="int8"`) is routed too: the op gets the int8 values and the
+per-channel scales and dequantizes each tile in VMEM (the call that first
+quantizes the weight stays on qwix).
+
 These stay on qwix's own path (`ROUTING_NOTE`, also in the report):
 - LoRA dropout > 0 (qwix draws the mask from the model's rngs);
-- a quantized base (QLoRA, `weight_qtype` set: int8, int4, nf4 ...);
+- other quantized bases (int4, nf4, asymmetric or subchannel-tiled int8)
+  and activation quantization (`act_qtype`);
 - an einsum the op cannot express (an axis shared by x and w that is not
   contracted, as the MoE expert einsums of 26B-A4B), and `dot_general`
   forms other than `[..., K] x [K, N]`;
@@ -45,8 +51,9 @@ DISTRIBUTION = "qwix"
 KNOWN_VERSIONS = ("0.1.8",)
 KNOWN_TO_WORK = "qwix 0.1.8 (qwix._src.providers.lora)"
 ROUTING_NOTE = (
-    "qwix LoRA einsum/dot_general run ops.lora_einsum/lora_matmul; on qwix's "
-    "own path: dropout > 0, quantized base (weight_qtype: int8/int4/nf4), "
+    "qwix LoRA einsum/dot_general run ops.lora_einsum (int8 per-channel "
+    "QLoRA base included); on qwix's own path: dropout > 0, other "
+    "weight_qtype (int4/nf4/tiled), act_qtype, "
     "einsums with a shared uncontracted axis (MoE expert einsums), "
     "non-default precision/preferred_element_type/out_sharding")
 _LORA = "qwix._src.providers.lora"
@@ -144,15 +151,46 @@ def _lora_rule(provider, qwix: _Qwix, op_name: str):
   return None
 
 
-def _routable(provider, qwix, op_name, lhs, rhs, options, kwargs) -> bool:
+def _int8_channelwise(qwix, rhs, contracted: tuple[int, ...]):
+  """`(qvalue, scale)` of a qwix per-channel symmetric int8 weight, or None.
+
+  That is `WithAux(QArray)` with an int8 `qvalue`, no zero point, and one
+  scale per output channel (size 1 on every contracted axis, no subchannel
+  tiles); anything else (int4, nf4, asymmetric, tiled) stays on qwix.
+  """
+  if not isinstance(rhs, qwix.ptq.WithAux):
+    return None
+  array = rhs.array
+  qvalue = getattr(array, "qvalue", None)
+  scale = getattr(array, "scale", None)
+  if (qvalue is None or scale is None or
+      getattr(array, "zero_point", None) is not None or
+      qvalue.dtype != jnp.int8 or scale.ndim != qvalue.ndim or
+      getattr(array, "qtype", None) not in (None, jnp.int8, "int8")):
+    return None
+  want = tuple(1 if i in contracted else d
+               for i, d in enumerate(qvalue.shape))
+  return (qvalue, scale) if scale.shape == want else None
+
+
+def _routable(provider, qwix, op_name, lhs, rhs, options, kwargs,
+              contracted) -> bool:
   rule = _lora_rule(provider, qwix, op_name)
   if (not isinstance(rule, qwix.lora.LoraRule) or rule.dropout > 0 or
-      rule.weight_qtype is not None or any(
+      getattr(rule, "act_qtype", None) is not None or any(
           v is not None for v in kwargs.values())):
     return False
-  if isinstance(rhs, qwix.ptq.WithAux) or not hasattr(rhs, "dtype"):
+  if rule.weight_qtype is not None:
+    # QLoRA: route the per-channel int8 weight qwix has already quantized
+    # (its first call, which quantizes, stays on qwix).
+    quantized = _int8_channelwise(qwix, rhs, contracted)
+    if quantized is None:
+      return False
+    dtype = jnp.result_type(lhs, quantized[1])
+  elif isinstance(rhs, qwix.ptq.WithAux) or not hasattr(rhs, "dtype"):
     return False
-  dtype = jnp.result_type(lhs, rhs)
+  else:
+    dtype = jnp.result_type(lhs, rhs)
   if not jnp.issubdtype(dtype, jnp.floating):
     return False
   name = implementations.resolve("lora_matmul", options.implementation,
@@ -170,8 +208,11 @@ def _einsum(provider, qwix: _Qwix, options, einsum_str, *operands, **kwargs):
       set(kwargs) - {"precision", "preferred_element_type", "out_sharding"}):
     return original(provider, einsum_str, *operands, **kwargs)
   lhs, rhs = operands
-  if (not _routable(provider, qwix, "einsum", lhs, rhs, options, kwargs) or
-      ops.lora_einsum_plan(einsum_str, lhs.shape, rhs.shape) is None):
+  plan = (ops.lora_einsum_plan(einsum_str, lhs.shape, rhs.shape)
+          if hasattr(rhs, "shape") and hasattr(lhs, "shape") else None)
+  if plan is None or not _routable(
+      provider, qwix, "einsum", lhs, rhs, options, kwargs,
+      _contracted(einsum_str)):
     return original(provider, einsum_str, *operands, **kwargs)
   # What PtqProvider.einsum and LoraProvider.einsum do around the matmuls.
   provider._get_current_rule_and_op_id("einsum")  # pylint: disable=protected-access
@@ -200,7 +241,7 @@ def _dot_general(provider, qwix: _Qwix, options, lhs, rhs, dimension_numbers,
             (((lhs.ndim - 1,), (0,)), ((), ())) and
             set(kwargs) <= {"out_sharding"})
   if not (simple and _routable(provider, qwix, "dot_general", lhs, rhs,
-                               options, call_kwargs)):
+                               options, call_kwargs, (0,))):
     return original(provider, lhs, rhs, dimension_numbers, **call_kwargs)
   # What PtqProvider.dot_general and LoraProvider.dot_general do around the
   # matmuls, for `[..., K] x [K, N]`.
@@ -220,17 +261,28 @@ def _dot_general(provider, qwix: _Qwix, options, lhs, rhs, dimension_numbers,
   return out.reshape(*lhs.shape[:-1], n)
 
 
+def _contracted(einsum_str):
+  lhs, rhs = einsum_str.replace(" ", "").split("->")[0].split(",")
+  return tuple(i for i, c in enumerate(rhs) if c in lhs)
+
+
 def _run(qwix, equation, lhs, rhs, lora_a, lora_b, rule, weight_name,
          options):
   """The op in qwix's result dtype, per shard under a mesh with known axes."""
-  dtype = jnp.result_type(lhs, rhs, lora_a, lora_b)
+  w_scale = None
+  if isinstance(rhs, qwix.ptq.WithAux):  # checked by _int8_channelwise
+    rhs, w_scale = rhs.array.qvalue, rhs.array.scale
+    dtype = jnp.result_type(lhs, w_scale, lora_a, lora_b)
+  else:
+    dtype = jnp.result_type(lhs, rhs, lora_a, lora_b)
+    rhs = rhs.astype(dtype)
   mesh, w_axes = lora_sharding.current_mesh(), None
   if mesh is not None:
     w_axes = _weight_axes(qwix, weight_name, rhs.ndim)
     if w_axes is None:  # unknown layout: one unsharded call, as GSPMD would
       mesh = None
-  return ops.lora_einsum(equation, lhs.astype(dtype), rhs.astype(dtype),
-                         lora_a, lora_b, scale=rule.alpha / rule.rank,
+  return ops.lora_einsum(equation, lhs.astype(dtype), rhs, lora_a, lora_b,
+                         scale=rule.alpha / rule.rank, w_scale=w_scale,
                          mesh=mesh, w_axes=w_axes, **options.op_kwargs)
 
 

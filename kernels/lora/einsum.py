@@ -129,29 +129,39 @@ def to_output(plan_: EinsumPlan, rows_by_columns):
 
 
 def run_pallas(plan_: EinsumPlan, x, w, lora_a, lora_b, *, scale: float,
-               block_sizes: kernel.BlockSizes | None = None,
+               w_scale=None, block_sizes: kernel.BlockSizes | None = None,
                interpret: bool = False):
-  """The einsum with the fused Pallas kernel (see `plan`)."""
+  """The einsum with the fused Pallas kernel (see `plan`).
+
+  `w_scale` (int8 `w`): per-channel scales shaped like `w` with size 1 on
+  the contracted axes (qwix's channelwise layout).
+  """
   x2, a2, b2 = _flatten(plan_, x, lora_a, lora_b)
   if plan_.grouped:
     w3 = w.reshape(plan_.groups, plan_.k, plan_.n // plan_.groups)
+    if w_scale is not None:
+      w_scale = w_scale.reshape(plan_.groups, 1, plan_.n // plan_.groups)
     out = pallas.grouped_lora_matmul(
-        x2, w3, a2, b2, scale=scale, rank=a2.shape[1],
+        x2, w3, a2, b2, scale=scale, rank=a2.shape[1], w_scale=w_scale,
         out_groups=plan_.out_groups, block_sizes=block_sizes,
         interpret=interpret)
     return out.reshape(plan_.out_shape)
   w2 = w.transpose(plan_.w_perm).reshape(plan_.k, plan_.n)
+  if w_scale is not None:
+    w_scale = w_scale.transpose(plan_.w_perm).reshape(plan_.n)
   return to_output(plan_, pallas.lora_matmul(
-      x2, w2, a2, b2, scale=scale, block_sizes=block_sizes,
+      x2, w2, a2, b2, scale=scale, w_scale=w_scale, block_sizes=block_sizes,
       interpret=interpret))
 
 
 def run_xla(plan_: EinsumPlan, equation: str, x, w, lora_a, lora_b, *,
-            scale: float):
+            scale: float, w_scale=None):
   """The einsum in XLA: the frozen einsum plus the float32 low-rank term."""
   x2, a2, b2 = _flatten(plan_, x, lora_a, lora_b)
-  frozen = jnp.einsum(equation, x.astype(jnp.float32),
-                      jax.lax.stop_gradient(w).astype(jnp.float32))
+  w = jax.lax.stop_gradient(w).astype(jnp.float32)
+  if w_scale is not None:
+    w = w * jax.lax.stop_gradient(w_scale).astype(jnp.float32)
+  frozen = jnp.einsum(equation, x.astype(jnp.float32), w)
   delta = to_output(plan_, xla.lora_delta(x2, a2, b2, scale=scale))
   return (frozen + delta).astype(x.dtype)
 

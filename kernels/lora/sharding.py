@@ -38,8 +38,8 @@ def current_mesh():
 
 
 def shard_einsum(local_fn, equation: str, x, w, lora_a, lora_b, *, mesh,
-                 w_axes, batch_axis: str = BATCH_AXIS):
-  """Runs `local_fn(x, w, lora_a, lora_b)` per shard of `mesh`.
+                 w_axes, w_scale=None, batch_axis: str = BATCH_AXIS):
+  """Runs `local_fn(x, w, lora_a, lora_b, w_scale)` per shard of `mesh`.
 
   Args:
     local_fn: the op on local blocks (same equation).
@@ -49,6 +49,8 @@ def shard_einsum(local_fn, equation: str, x, w, lora_a, lora_b, *, mesh,
     mesh: a `jax.sharding.Mesh` or `AbstractMesh`.
     w_axes: the mesh axis (or None) of each of w's dims, e.g. Tunix's
       `('tp', 'fsdp', None)` for a `NDH` query weight.
+    w_scale: optional per-channel scales of an int8 `w` (w's rank, size 1
+      on the contracted axes), sharded like w's kept axes.
     batch_axis: the data-parallel axis (gathered on weights, split on x).
 
   Returns:
@@ -76,12 +78,14 @@ def shard_einsum(local_fn, equation: str, x, w, lora_a, lora_b, *, mesh,
   a_axes = "".join(c for c in rhs if c in lhs)
   b_axes = "".join(c for c in rhs if c not in lhs)
 
-  def body(x, w, lora_a, lora_b):
-    y = local_fn(x, w, lora_a, lora_b)
+  def body(x, w, lora_a, lora_b, w_scale):
+    y = local_fn(x, w, lora_a, lora_b, w_scale)
     return jax.lax.psum(y, tuple(psum_axes)) if psum_axes else y
 
+  scale_spec = None if w_scale is None else P(
+      *(None if c in lhs else axis_of.get(c) for c in rhs))
   return jax.shard_map(
       body, mesh=mesh,
       in_specs=(spec(lhs), spec(rhs), P(*spec(a_axes), None),
-                P(None, *spec(b_axes))),
-      out_specs=spec(out), check_vma=False)(x, w, lora_a, lora_b)
+                P(None, *spec(b_axes)), scale_spec),
+      out_specs=spec(out), check_vma=False)(x, w, lora_a, lora_b, w_scale)

@@ -55,6 +55,12 @@ def batch():
                                        vocab_size=256, seed=3)[0]
 
 
+@pytest.fixture(scope="module")
+def stock(lora_model, batch):
+  """Stock loss and LoRA grads in float32 and of the float64 copy."""
+  return _loss_and_lora_grads(lora_model, batch), _stock64(lora_model, batch)
+
+
 def _loss_and_lora_grads(model, batch):
   inputs = tiny_models.model_inputs(batch)
 
@@ -87,7 +93,8 @@ def test_report_names_what_stays_on_qwix():
   report = patches.apply(attention=False)
   (lora,) = [t for t in report.targets if t.feature == "lora"]
   assert lora.state == "patched" and lora.target == LORA_MATMUL
-  for words in ("dropout > 0", "weight_qtype", "MoE expert einsums"):
+  for words in ("dropout > 0", "int8 per-channel", "int4/nf4",
+                "MoE expert einsums"):
     assert words in lora.reason
   assert patches.revert() == (LORA_MATMUL,)
   # qwix's own method is back: LoraProvider inherits it again.
@@ -96,10 +103,9 @@ def test_report_names_what_stays_on_qwix():
 
 @pytest.mark.parametrize("implementation, interpret", [
     ("xla", False), (None, True)])  # None + interpret: the Pallas kernel
-def test_same_loss_and_lora_grads(lora_model, batch, implementation,
+def test_same_loss_and_lora_grads(lora_model, batch, stock, implementation,
                                   interpret):
-  stock = _loss_and_lora_grads(lora_model, batch)
-  stock64 = _stock64(lora_model, batch)
+  stock, stock64 = stock
   with patches.applied(attention=False, implementation=implementation,
                        interpret=interpret):
     patched = _loss_and_lora_grads(lora_model, batch)
@@ -133,6 +139,7 @@ def test_dropout_stays_on_qwix(lora_model, batch):
                                alpha=ALPHA, dropout=0.5)
   model = qwix.apply_lora_to_model(base, provider, rngs=nnx.Rngs(0),
                                    **base.get_model_input())
+  model.set_attributes(qwix_rngs=nnx.Rngs(dropout=2))  # dropout's mask
   graphdef, state = nnx.split(model)
   inputs = tiny_models.model_inputs(batch)
   with patches.applied(attention=False, interpret=True):
@@ -162,7 +169,7 @@ def test_peft_trainer_loss_curve():
   testing.assert_model_close(patched, stock, stock64, name="losses")
 
 
-def test_sharded_train_step_on_simulated_mesh(lora_model, batch):
+def test_sharded_train_step_on_simulated_mesh(lora_model, batch, stock):
   """Under a 4-device ('fsdp','tp') mesh with Tunix's weight shardings and
   the batch over fsdp, the patched loss and LoRA gradients (the op per shard
   in shard_map) equal the stock unsharded ones within the model rule."""
@@ -175,8 +182,7 @@ def test_sharded_train_step_on_simulated_mesh(lora_model, batch):
   sharded_model = nnx.merge(graphdef, sharded_state)
   rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp"))
   sharded_batch = jax.tree.map(lambda x: jax.device_put(x, rows), batch)
-  stock = _loss_and_lora_grads(lora_model, batch)
-  stock64 = _stock64(lora_model, batch)
+  stock, stock64 = stock
   inputs = tiny_models.model_inputs(batch)
   with patches.applied(attention=False, implementation="xla"), \
       jax.set_mesh(mesh):
@@ -190,3 +196,61 @@ def test_sharded_train_step_on_simulated_mesh(lora_model, batch):
   assert jaxpr.count("psum") == 3 * len(lora_model.layers)
   testing.assert_model_close(patched[0], stock[0], stock64[0], name="loss")
   testing.assert_model_close(patched[1], stock[1], stock64[1], name="grads")
+
+
+class _QueryEinsum(nnx.Module):
+  """Tunix's q einsum without its `jnp.astype(w, dtype)`: Tunix 0.1.7's
+  `Einsum` casts the weight that way, which fails on qwix's quantized
+  weight, so qwix QLoRA cannot run on Tunix's einsums even unpatched."""
+
+  def __init__(self, *, rngs):
+    self.w = nnx.Param(jax.random.normal(rngs.params(), (2, 64, 128)) * 0.1)
+
+  def __call__(self, x):
+    return jnp.einsum("BTD,NDH->BTNH", x, self.w[...])
+
+
+@pytest.mark.parametrize("kind", ["linear", "einsum"])
+def test_int8_qlora_base_is_routed(kind):
+  """qwix QLoRA (weight_qtype="int8", per-channel) on an nnx.Linear (the
+  MLP) and on a q-projection einsum: the patched output and LoRA grads equal
+  qwix's own (one op: the float32 kernel tolerance), and the Pallas kernel
+  runs."""
+  rng = np.random.default_rng(0)
+  if kind == "linear":
+    module = nnx.Linear(64, 256, use_bias=False, rngs=nnx.Rngs(0))
+    x = jnp.asarray(rng.standard_normal((2, 5, 64)), jnp.float32)
+  else:
+    module = _QueryEinsum(rngs=nnx.Rngs(0))
+    x = jnp.asarray(rng.standard_normal((2, 5, 64)), jnp.float32)
+  provider = qwix.LoraProvider(module_path=".*", rank=4, alpha=ALPHA,
+                               weight_qtype="int8")
+  model = qwix.apply_lora_to_model(module, provider, x, rngs=nnx.Rngs(1))
+  for name in ("kernel_lora_b", "w_lora_b"):  # qwix initializes B to 0
+    if hasattr(model, name):
+      variable = getattr(model, name)
+      variable[...] = jnp.asarray(
+          rng.standard_normal(variable.shape) * 0.1, variable.dtype)
+  graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+  quantized = [leaf for leaf in jax.tree.leaves(rest)
+               if getattr(leaf, "dtype", None) == jnp.int8]
+  assert quantized, "qwix did not quantize the base weight"
+
+  def out_and_grads(lora, x):
+    def loss(lora, x):
+      out = nnx.merge(graphdef, lora, rest)(x)
+      return jnp.sum(jnp.sin(out)), out
+    return jax.grad(loss, argnums=(0, 1), has_aux=True)(lora, x)
+
+  (d_lora, d_x), out = out_and_grads(lora, x)
+  with patches.applied(attention=False, interpret=True):
+    jaxpr = str(jax.make_jaxpr(out_and_grads)(lora, x))
+    (p_lora, p_x), p_out = out_and_grads(lora, x)
+  assert jaxpr.count("pallas_call") == 2  # forward, dx
+  testing.assert_close(p_out, out, name="out")
+  testing.assert_close(p_x, d_x, grad=True, name="dx")
+  for (path, got), want in zip(
+      jax.tree_util.tree_flatten_with_path(p_lora)[0],
+      jax.tree.leaves(d_lora)):
+    testing.assert_close(got, want, grad=True,
+                         name=jax.tree_util.keystr(path))
