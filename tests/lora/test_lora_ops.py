@@ -32,8 +32,9 @@ def _einsum_operands(equation, head_dim, rank=4, seed=0):
           draw("", (rank,) + tuple(sizes[c] for c in b_axes), rank ** -0.5))
 
 
-@pytest.mark.parametrize("implementation", ["pallas_tpu", "xla"])
-@pytest.mark.parametrize("head_dim", [128, 32])
+# The XLA version does not depend on the layout: one head dim is enough.
+@pytest.mark.parametrize("head_dim, implementation", [
+    (128, "pallas_tpu"), (32, "pallas_tpu"), (128, "xla")])
 @pytest.mark.parametrize("equation", FORMS)
 def test_einsum_forms_match_reference(equation, head_dim, implementation):
   x, w, a, b = _einsum_operands(equation, head_dim)

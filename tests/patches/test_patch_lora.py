@@ -132,21 +132,28 @@ def test_every_lora_module_runs_the_kernel(lora_model, batch):
   assert jaxpr.count("pallas_call") == _num_adapters(lora_model)
 
 
-def test_dropout_stays_on_qwix(lora_model, batch):
-  base = tiny_models.build_model(_config(),
-                                 seed=0)
-  provider = qwix.LoraProvider(module_path=".*gate_proj", rank=4,
-                               alpha=ALPHA, dropout=0.5)
-  model = qwix.apply_lora_to_model(base, provider, rngs=nnx.Rngs(0),
-                                   **base.get_model_input())
+def test_dropout_stays_on_qwix():
+  x = jnp.ones((2, 5, 64))
+  provider = qwix.LoraProvider(module_path=".*", rank=4, alpha=ALPHA,
+                               dropout=0.5)
+  model = qwix.apply_lora_to_model(
+      nnx.Linear(64, 128, use_bias=False, rngs=nnx.Rngs(0)), provider, x,
+      rngs=nnx.Rngs(1))
   model.set_attributes(qwix_rngs=nnx.Rngs(dropout=2))  # dropout's mask
   graphdef, state = nnx.split(model)
-  inputs = tiny_models.model_inputs(batch)
   with patches.applied(attention=False, interpret=True):
-    jaxpr = str(jax.make_jaxpr(lambda state: nnx.merge(graphdef, state)(
-        inputs["input_tokens"], inputs["positions"], None,
-        inputs["attention_mask"])[0])(state))
+    jaxpr = str(jax.make_jaxpr(
+        lambda state: nnx.merge(graphdef, state)(x))(state))
   assert "pallas_call" not in jaxpr
+  without_dropout = qwix.apply_lora_to_model(
+      nnx.Linear(64, 128, use_bias=False, rngs=nnx.Rngs(0)),
+      qwix.LoraProvider(module_path=".*", rank=4, alpha=ALPHA), x,
+      rngs=nnx.Rngs(1))
+  graphdef, state = nnx.split(without_dropout)
+  with patches.applied(attention=False, interpret=True):
+    jaxpr = str(jax.make_jaxpr(
+        lambda state: nnx.merge(graphdef, state)(x))(state))
+  assert "pallas_call" in jaxpr
 
 
 def test_peft_trainer_loss_curve():
