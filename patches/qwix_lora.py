@@ -38,6 +38,7 @@ from __future__ import annotations
 import importlib
 import re
 
+import jax
 import jax.numpy as jnp
 
 from gemma4_jax import implementations
@@ -293,8 +294,12 @@ def _weight_axes(qwix, weight_name, ndim):
   metadata = get_metadata() if get_metadata else {}
   for key in ("out_sharding", "sharding", "sharding_names"):
     axes = metadata.get(key)
-    if isinstance(axes, (tuple, list)) and len(axes) == ndim:
-      return tuple(axes)
+    # google-tunix 0.1.7 stores a tuple, Tunix main a PartitionSpec (which
+    # may be shorter than the rank: the rest is replicated).
+    if isinstance(axes, (tuple, list, jax.sharding.PartitionSpec)):
+      axes = tuple(axes)
+      if len(axes) <= ndim:
+        return axes + (None,) * (ndim - len(axes))
   return None
 
 
