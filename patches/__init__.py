@@ -10,10 +10,11 @@ print(patches.status())       # what can be patched here, what is
 ```
 
 One flag per feature. `attention` patches Tunix Gemma 4 `Attention.block`
-(see `tunix_attention`) and `ple` its `Embedder.encode_per_layer_input` (see
-`tunix_ple`; `ple="host"` reads a host-resident table); `lora` and `loss`
-are accepted and reported as "not available" (nothing is patched for them,
-and the default `apply()` does not fail because of them).
+(see `tunix_attention`), `ple` its `Embedder.encode_per_layer_input` (see
+`tunix_ple`; `ple="host"` reads a host-resident table) and `lora` qwix's
+LoRA interceptor (see `qwix_lora`); `loss` is accepted and reported as "not
+available" (nothing is patched for it, and the default `apply()` does not
+fail because of it).
 
 `apply()` is idempotent, checks every target before touching any (installed
 version against the tested ones, presence and signature of each attribute it
@@ -34,6 +35,7 @@ import contextlib
 from gemma4_jax import implementations
 from gemma4_jax import ops
 from gemma4_jax.patches import _framework
+from gemma4_jax.patches import qwix_lora
 from gemma4_jax.patches import tunix_attention
 from gemma4_jax.patches import tunix_ple
 from gemma4_jax.patches._framework import PatchReport
@@ -50,7 +52,7 @@ __all__ = ["apply", "revert", "applied", "status", "PatchReport", "Status",
 _TARGETS = {
     "attention": tunix_attention.target,
     "ple": tunix_ple.target,
-    "lora": None,
+    "lora": qwix_lora.target,
     "loss": None,
 }
 _NO_PATCH_YET = "gemma4_jax has no patch for this feature yet"
@@ -69,7 +71,10 @@ def apply(*, attention: bool = True, ple: bool | str = True, lora: bool = True,
       `gemma4_jax.ops.ple_lookup` (sharded under a mesh) and the fused
       combine; "host" does the same with the table in host memory (move it
       there with `tunix_ple.offload_table(model)`); False leaves it stock.
-    lora, loss: accepted; no patch exists for them yet, so they are
+    lora: route qwix LoRA einsum/dot_general (every Gemma 4 projection)
+      through `gemma4_jax.ops.lora_einsum`/`lora_matmul` (see `qwix_lora`
+      for what stays on qwix's path; the report names it).
+    loss: accepted; no patch exists for it yet, so it is
       reported as not available.
     implementation: passed to every op the patches call: None (Pallas on
       TPU, XLA elsewhere, `GEMMA4_JAX_IMPLEMENTATION` overrides), "xla",

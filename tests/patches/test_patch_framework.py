@@ -22,6 +22,7 @@ from gemma4_jax.patches import tunix_attention
 
 TARGET = "tunix.models.gemma4.model:Attention.block"
 PLE_TARGET = "tunix.models.gemma4.model:Embedder.encode_per_layer_input"
+LORA_TARGET = "qwix._src.providers.lora:LoraProvider.get_intercept_map"
 ORIGINAL = gemma4_lib.Attention.__dict__["block"]
 
 
@@ -42,17 +43,17 @@ def test_import_patches_nothing_and_imports_no_tunix():
 
 def test_apply_reports_and_revert_restores_the_original_object():
   report = patches.apply()
-  assert report.patched == (TARGET, PLE_TARGET)
+  assert report.patched == (TARGET, PLE_TARGET, LORA_TARGET)
   assert gemma4_lib.Attention.block is not ORIGINAL
   assert gemma4_lib.Attention.block.__wrapped__ is ORIGINAL
   states = {t.feature: t.state for t in report.targets}
   assert states == {"attention": "patched", "ple": "patched",
-                    "lora": "not available", "loss": "not available"}
+                    "lora": "patched", "loss": "not available"}
   assert report.tunix_version == "0.1.7" and report.qwix_version == "0.1.8"
   assert report.implementation is None
   assert report.resolved_implementation == "xla"
   assert TARGET in str(report)
-  assert patches.revert() == (PLE_TARGET, TARGET)
+  assert patches.revert() == (LORA_TARGET, PLE_TARGET, TARGET)
   assert gemma4_lib.Attention.block is ORIGINAL
   assert patches.revert() == ()
 
@@ -70,14 +71,14 @@ def test_apply_twice_is_harmless_and_other_options_replace_cleanly():
   assert patches.status().implementation == "reference"
 
   report = patches.apply(attention=False, ple=False)
-  assert report.patched == ()
+  assert report.patched == (LORA_TARGET,)
   assert report.targets[0].state == "skipped"
   assert gemma4_lib.Attention.block is ORIGINAL
 
 
 def test_applied_restores_on_exit_and_on_exception():
   with patches.applied() as report:
-    assert report.patched == (TARGET, PLE_TARGET)
+    assert report.patched == (TARGET, PLE_TARGET, LORA_TARGET)
     assert gemma4_lib.Attention.block is not ORIGINAL
   assert gemma4_lib.Attention.block is ORIGINAL
 
@@ -104,8 +105,10 @@ def test_status():
   assert attention.available and not attention.patched
   assert attention.version == "0.1.7" and attention.version_known
   assert [t.feature for t in others] == ["ple", "lora", "loss"]
-  assert others[0].available and not others[0].patched
-  assert not any(t.available or t.patched for t in others[1:])
+  ple, lora, loss = others
+  assert ple.available and not ple.patched
+  assert lora.available and lora.target == LORA_TARGET and not lora.patched
+  assert not (loss.available or loss.patched)
   assert status.implementation is None
   with patches.applied(implementation="xla"):
     status = patches.status()
@@ -170,7 +173,7 @@ def test_untested_version_warns_and_patches(monkeypatch):
       lambda d: "0.1.99" if d == "google-tunix" else installed(d))
   with pytest.warns(UserWarning, match="google-tunix 0.1.99 is not among"):
     report = patches.apply()
-  assert report.patched == (TARGET, PLE_TARGET)
+  assert report.patched == (TARGET, PLE_TARGET, LORA_TARGET)
   assert "untested" in report.targets[0].reason
   status = patches.status()
   assert status.targets[0].available and not status.targets[0].version_known
@@ -253,7 +256,7 @@ def test_split_layout_detection_and_checks(monkeypatch):
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # a known layout: no untested warning
     with patches.applied(ple=False) as report:
-      assert report.patched == (status.target,)
+      assert report.patched == (status.target, LORA_TARGET)
       assert "Tunix main c7d8950f layout" in report.targets[0].reason
       assert Attention.__dict__["block"].__wrapped__ is split_block
       assert gemma4_lib.Attention.block is ORIGINAL

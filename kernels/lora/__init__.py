@@ -1,0 +1,1 @@
+"""Fused LoRA matmul: the Pallas TPU kernel, its XLA twin, einsum mapping."""

@@ -1,0 +1,47 @@
+"""The LoRA matmul in plain XLA: the default off TPU.
+
+The same math and numerics as the Pallas kernel: float32 accumulation, the
+rank-r product `x @ A` kept in float32 (not rounded to x's dtype), `W`
+frozen (`stop_gradient`: no `dW`), an int8 `W` dequantized per output
+channel, and many adapters run as one stacked adapter with a per-row column
+mask (`common.stack_adapters`). XLA tiles the dots itself, so no explicit
+blocking is needed; autodiff gives `dx`, `dA`, `dB`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from gemma4_jax.kernels.lora import common
+
+
+def lora_matmul(x, w, a, b, *, scale: float, adapter_ids=None, w_scale=None):
+  """`x @ w + scale * (x @ a) @ b`; arguments as `pallas.lora_matmul`.
+
+  Returns:
+    `[M, N]` in x's dtype.
+  """
+  delta = lora_delta(x, a, b, scale=scale, adapter_ids=adapter_ids)
+  return (frozen_matmul(x, w, w_scale=w_scale) + delta).astype(x.dtype)
+
+
+def frozen_matmul(x, w, *, w_scale=None):
+  """`x @ w` in float32 with `w` frozen (dequantized when int8)."""
+  w = jax.lax.stop_gradient(w)
+  if w_scale is not None:
+    w = w.astype(jnp.float32) * jax.lax.stop_gradient(w_scale)
+  return jnp.dot(x.astype(jnp.float32), w.astype(jnp.float32))
+
+
+def lora_delta(x, a, b, *, scale: float, adapter_ids=None):
+  """`scale * (x @ a) @ b` in float32, `[M, N]`."""
+  if adapter_ids is None:
+    a_cat, b_cat = a, b
+  else:
+    a_cat, b_cat, rank = common.stack_adapters(a, b)
+  down = jnp.dot(x.astype(jnp.float32), a_cat.astype(jnp.float32))
+  if adapter_ids is not None:
+    column_adapter = jnp.arange(a_cat.shape[1]) // rank
+    down = jnp.where(column_adapter == adapter_ids[:, None], down, 0.0)
+  return jnp.dot(scale * down, b_cat.astype(jnp.float32))
