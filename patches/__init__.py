@@ -9,10 +9,11 @@ patches.revert()              # originals back (the same function objects)
 print(patches.status())       # what can be patched here, what is
 ```
 
-One flag per feature. Only `attention` has a patch so far (Tunix Gemma 4
-`Attention.block`, see `tunix_attention`); `ple`, `lora` and `loss` are
-accepted and reported as "not available" (nothing is patched for them, and
-the default `apply()` does not fail because of them).
+One flag per feature. `attention` patches Tunix Gemma 4 `Attention.block`
+(see `tunix_attention`) and `loss` Tunix's default SFT loss (see
+`tunix_loss`); `ple` and `lora` are accepted and reported as "not available"
+(nothing is patched for them, and the default `apply()` does not fail
+because of them).
 
 `apply()` is idempotent, checks every target before touching any (installed
 version against the tested ones, presence and signature of each attribute it
@@ -34,6 +35,7 @@ from gemma4_jax import implementations
 from gemma4_jax import ops
 from gemma4_jax.patches import _framework
 from gemma4_jax.patches import tunix_attention
+from gemma4_jax.patches import tunix_loss
 from gemma4_jax.patches._framework import PatchReport
 from gemma4_jax.patches._framework import Status
 from gemma4_jax.patches._framework import TargetChangedError
@@ -49,7 +51,7 @@ _TARGETS = {
     "attention": tunix_attention.target,
     "ple": None,
     "lora": None,
-    "loss": None,
+    "loss": tunix_loss.target,
 }
 _NO_PATCH_YET = "gemma4_jax has no patch for this feature yet"
 
@@ -62,7 +64,9 @@ def apply(*, attention: bool = True, ple: bool = True, lora: bool = True,
   Args:
     attention: route Tunix Gemma 4 attention (prefill and training; decode
       stays Tunix's) through `gemma4_jax.ops.attention`.
-    ple, lora, loss: accepted; no patch exists for them yet, so they are
+    loss: compute PeftTrainer's default loss on Gemma 4 with
+      `gemma4_jax.ops.softcapped_cross_entropy` (no logits materialized).
+    ple, lora: accepted; no patch exists for them yet, so they are
       reported as not available.
     implementation: passed to every op the patches call: None (Pallas on
       TPU, XLA elsewhere, `GEMMA4_JAX_IMPLEMENTATION` overrides), "xla",

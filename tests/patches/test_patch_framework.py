@@ -39,13 +39,13 @@ def test_import_patches_nothing_and_imports_no_tunix():
 
 
 def test_apply_reports_and_revert_restores_the_original_object():
-  report = patches.apply()
+  report = patches.apply(loss=False)
   assert report.patched == (TARGET,)
   assert gemma4_lib.Attention.block is not ORIGINAL
   assert gemma4_lib.Attention.block.__wrapped__ is ORIGINAL
   states = {t.feature: t.state for t in report.targets}
   assert states == {"attention": "patched", "ple": "not available",
-                    "lora": "not available", "loss": "not available"}
+                    "lora": "not available", "loss": "skipped"}
   assert report.tunix_version == "0.1.7" and report.qwix_version == "0.1.8"
   assert report.implementation is None
   assert report.resolved_implementation == "xla"
@@ -67,14 +67,14 @@ def test_apply_twice_is_harmless_and_other_options_replace_cleanly():
   assert gemma4_lib.Attention.block.__wrapped__ is ORIGINAL
   assert patches.status().implementation == "reference"
 
-  report = patches.apply(attention=False)
+  report = patches.apply(attention=False, loss=False)
   assert report.patched == ()
   assert report.targets[0].state == "skipped"
   assert gemma4_lib.Attention.block is ORIGINAL
 
 
 def test_applied_restores_on_exit_and_on_exception():
-  with patches.applied() as report:
+  with patches.applied(loss=False) as report:
     assert report.patched == (TARGET,)
     assert gemma4_lib.Attention.block is not ORIGINAL
   assert gemma4_lib.Attention.block is ORIGINAL
@@ -102,7 +102,8 @@ def test_status():
   assert attention.available and not attention.patched
   assert attention.version == "0.1.7" and attention.version_known
   assert [t.feature for t in others] == ["ple", "lora", "loss"]
-  assert not any(t.available or t.patched for t in others)
+  assert not any(t.available or t.patched for t in others[:2])
+  assert others[2].available and not others[2].patched
   assert status.implementation is None
   with patches.applied(implementation="xla"):
     status = patches.status()
@@ -166,7 +167,7 @@ def test_untested_version_warns_and_patches(monkeypatch):
       _framework, "installed_version",
       lambda d: "0.1.99" if d == "google-tunix" else installed(d))
   with pytest.warns(UserWarning, match="google-tunix 0.1.99 is not among"):
-    report = patches.apply()
+    report = patches.apply(loss=False)
   assert report.patched == (TARGET,)
   assert "untested" in report.targets[0].reason
   status = patches.status()
@@ -247,7 +248,7 @@ def test_split_layout_detection_and_checks(monkeypatch):
   split_block = Attention.__dict__["block"]
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    with patches.applied() as report:
+    with patches.applied(loss=False) as report:
       assert report.patched == (status.target,)
       assert Attention.__dict__["block"].__wrapped__ is split_block
       assert gemma4_lib.Attention.block is ORIGINAL
