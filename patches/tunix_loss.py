@@ -87,8 +87,6 @@ def _skips_lm_head() -> bool:
 def _make_loss_fn(original, options: _framework.OpOptions):
   model_module = importlib.import_module(MODEL_MODULE)
   gemma4 = model_module.Gemma4
-  final_hidden = (_final_hidden_skip_lm_head if _skips_lm_head() else
-                  _final_hidden_captured)
   # Tunix main returns a LossOutput (unreduced sum and denominator).
   loss_output = None
   if "LossOutput" in original.__code__.co_names:
@@ -119,6 +117,18 @@ def _make_loss_fn(original, options: _framework.OpOptions):
       note="Tunix's default SFT loss, patched by gemma4_jax.patches: on "
       "Gemma 4 the LM head, final softcap and cross-entropy run fused in "
       "gemma4_jax.ops.softcapped_cross_entropy.")
+
+
+def final_hidden(model, tokens, positions, attention_mask):
+  """A Tunix Gemma 4's final-norm output `[B, T, D]`, without its LM head.
+
+  Also used by `gemma4_jax.perplexity`. Works for both layouts (see the
+  module docstring) and for models with qwix LoRA.
+  """
+  if _skips_lm_head():
+    return _final_hidden_skip_lm_head(model, tokens, positions,
+                                      attention_mask)
+  return _final_hidden_captured(model, tokens, positions, attention_mask)
 
 
 def _final_hidden_skip_lm_head(model, tokens, positions, attention_mask):
