@@ -73,7 +73,7 @@ def forward_stats(hidden, embedding, targets, *, softcap, block_sizes):
 
     def vocab_chunk(carry, j):
       row_max, sum_exp, picked = carry
-      logits, _, cols = _tile(h_c, e[j], j, tv, softcap, vocab)
+      logits, _, cols = _tile(h_c, e(j), j, tv, softcap, vocab)
       new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
       sum_exp = (sum_exp * jnp.exp(row_max - new_max) +
                  jnp.sum(jnp.exp(logits - new_max[:, None]), axis=1))
@@ -82,7 +82,7 @@ def forward_stats(hidden, embedding, targets, *, softcap, block_sizes):
 
     init = (jnp.full((tn,), -jnp.inf, jnp.float32),
             jnp.zeros((tn,), jnp.float32), jnp.zeros((tn,), jnp.float32))
-    out, _ = jax.lax.scan(vocab_chunk, init, jnp.arange(e.shape[0]))
+    out, _ = jax.lax.scan(vocab_chunk, init, jnp.arange(e.count))
     return out
 
   stats = jax.lax.map(token_chunk, (h, t))
@@ -104,12 +104,13 @@ def backward_hidden(hidden, embedding, targets, lse, scale, *, softcap,
     h_c, t_c, lse_c, scale_c = args
 
     def vocab_chunk(acc, j):
-      dz = _dz(h_c, e[j], j, tv, t_c, lse_c, scale_c, softcap, vocab)
-      return acc + common.matmul(dz.astype(e.dtype), e[j]), None
+      e_j = e(j)
+      dz = _dz(h_c, e_j, j, tv, t_c, lse_c, scale_c, softcap, vocab)
+      return acc + common.matmul(dz.astype(e_j.dtype), e_j), None
 
     acc, _ = jax.lax.scan(vocab_chunk,
                           jnp.zeros((tn, hidden.shape[1]), jnp.float32),
-                          jnp.arange(e.shape[0]))
+                          jnp.arange(e.count))
     return acc
 
   dh = jax.lax.map(token_chunk, (h, t, lse, scale))
@@ -124,7 +125,7 @@ def backward_embedding(hidden, embedding, targets, lse, scale, *, softcap,
 
   def vocab_chunk(j):
     def token_chunk(acc, i):
-      dz = _dz(h[i], e[j], j, tv, t[i], lse[i], scale[i], softcap, vocab)
+      dz = _dz(h[i], e(j), j, tv, t[i], lse[i], scale[i], softcap, vocab)
       return acc + common.matmul_t(dz.astype(h.dtype), h[i]), None
 
     acc, _ = jax.lax.scan(token_chunk,
@@ -132,12 +133,33 @@ def backward_embedding(hidden, embedding, targets, lse, scale, *, softcap,
                           jnp.arange(h.shape[0]))
     return acc
 
-  de = jax.lax.map(vocab_chunk, jnp.arange(e.shape[0]))
+  de = jax.lax.map(vocab_chunk, jnp.arange(e.count))
   return de.reshape(-1, hidden.shape[1])[:vocab]
 
 
+class _Chunks:
+  """`[block, D]` row blocks of a `[n * block, D]` array, read one at a time
+  inside a loop by `dynamic_slice` of the array itself.
+
+  XLA:CPU computes bf16 dots in float32; without the barrier it converts
+  the whole operand once, outside the loop (1.5 GiB for E2B's embedding),
+  instead of one chunk per iteration.
+  """
+
+  def __init__(self, rows, block):
+    self.dtype = rows.dtype
+    self.count = rows.shape[0] // block
+    self._rows, self._block = rows, block
+
+  def __call__(self, j):
+    # The barrier keeps a later dtype conversion on this chunk.
+    return jax.lax.optimization_barrier(jax.lax.dynamic_slice_in_dim(
+        self._rows, j * self._block, self._block))
+
+
 def _tiled(hidden, embedding, targets, block_sizes):
-  """Pads and splits into chunks: h `[nt, tn, D]`, e `[nv, tv, D]`."""
+  """Pads and splits into chunks: h `[nt, tn, D]`, e `[nv, tv, D]` (read
+  with `e(j)`)."""
   n, d = hidden.shape
   vocab = embedding.shape[0]
   tn = min(block_sizes.block_tokens, n)
@@ -145,8 +167,10 @@ def _tiled(hidden, embedding, targets, block_sizes):
   h = _pad_tokens(hidden, tn).reshape(-1, tn, d)
   # Padded token rows get target -1 (no column); padded vocab rows are masked.
   t = jnp.pad(targets, (0, -n % tn), constant_values=-1).reshape(-1, tn)
-  e = jnp.pad(embedding, ((0, -vocab % tv), (0, 0))).reshape(-1, tv, d)
-  return h, e, t, tn, tv, vocab
+  e = embedding
+  if vocab % tv:
+    e = jnp.pad(embedding, ((0, -vocab % tv), (0, 0)))
+  return h, _Chunks(e, tv), t, tn, tv, vocab
 
 
 def _pad_tokens(x, tn):
