@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
       "perplexity", help="token-level NLL/perplexity of a checkpoint on JSONL",
       formatter_class=argparse.RawDescriptionHelpFormatter,
       description="Mean NLL and perplexity of a Hugging Face Gemma 4 "
-      "checkpoint (loaded with Tunix's safetensors loader) on a JSONL "
+      "checkpoint (loaded with Tunix's\nsafetensors loader) on a JSONL "
       "dataset, optionally base and adapted side by side.\n\n"
       "What is computed: Gemma 4 softcaps its final logits, so its "
       "next-token\ndistribution is p = softmax(c * tanh(h @ E^T / c)) with "

@@ -122,15 +122,15 @@ def tokenize(records: Iterable[dict], tokenizer) -> list[Example]:
   for record in records:
     if "text" in record:
       tokens = tokenizer.encode(record["text"]).ids
-      scored = [False] + [True] * (len(tokens) - 1)
+      scored = [True] * len(tokens)
     else:
       prompt = tokenizer.encode(record["prompt"]).ids
       completion = tokenizer.encode(record["completion"],
                                     add_special_tokens=False).ids
       tokens = prompt + completion
       scored = [False] * len(prompt) + [True] * len(completion)
-      if not prompt:
-        scored[:1] = [False] * min(1, len(scored))
+    if scored:
+      scored[0] = False  # the first token has nothing to be predicted from
     examples.append(Example(np.asarray(tokens, np.int32),
                             np.asarray(scored, bool)))
   return examples
