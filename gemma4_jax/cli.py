@@ -29,6 +29,51 @@ def build_parser() -> argparse.ArgumentParser:
   from gemma4_jax.export import commands as export_commands  # pylint: disable=g-import-not-at-top
   export_commands.register(commands)
 
+  perplexity = commands.add_parser(
+      "perplexity", help="token-level NLL/perplexity of a checkpoint on JSONL",
+      formatter_class=argparse.RawDescriptionHelpFormatter,
+      description="Mean NLL and perplexity of a Hugging Face Gemma 4 "
+      "checkpoint (loaded with Tunix's\nsafetensors loader) on a JSONL "
+      "dataset, optionally base and adapted side by side.\n\n"
+      "What is computed: Gemma 4 softcaps its final logits, so its "
+      "next-token\ndistribution is p = softmax(c * tanh(h @ E^T / c)) with "
+      "c = final_logit_softcapping\n(30): the distribution it samples from "
+      "at temperature 1. mean NLL = average\nover scored tokens of -log "
+      "p(actual next token); perplexity = exp(mean NLL).\nThe raw, uncapped "
+      "logits are never used. Scored tokens: all but the first of\na 'text' "
+      "line; only the completion tokens of a 'prompt'/'completion' line.\n"
+      "Lines are tokenized with the checkpoint's own tokenizer.json. The "
+      "[T, V] logits\nare never held: the LM head runs fused into the loss "
+      "and --top-k streams vocab\nchunks.")
+  perplexity.add_argument("checkpoint",
+                          help="Hugging Face Gemma 4 checkpoint directory "
+                          "(safetensors, config.json, tokenizer.json)")
+  perplexity.add_argument("--data", required=True,
+                          help="JSONL: one {\"text\": ...} or {\"prompt\": "
+                          "..., \"completion\": ...} object per line")
+  perplexity.add_argument("--adapter",
+                          help="LoRA adapter (Tunix checkpoint or PEFT "
+                          "directory): also report the adapted model, "
+                          "merged into the base as `gemma4-jax merge` does")
+  perplexity.add_argument("--alpha", type=float,
+                          help="LoRA alpha, for a Tunix checkpoint that does "
+                          "not record it")
+  perplexity.add_argument("--top-k", type=int, metavar="K",
+                          help="also print the K most likely next tokens and "
+                          "their probabilities (under the softcap) at every "
+                          "position of the --inspect examples")
+  perplexity.add_argument("--inspect", type=int, nargs="+", default=[0],
+                          metavar="I",
+                          help="0-based example indices for --top-k "
+                          "(default: 0)")
+  perplexity.add_argument("--dtype", choices=["float32", "bfloat16"],
+                          default="float32",
+                          help="parameter and compute dtype (default "
+                          "float32)")
+  perplexity.add_argument("--no-progress", action="store_true",
+                          help="no progress bar")
+  perplexity.set_defaults(func=_run_perplexity)
+
   doctor = commands.add_parser(
       "doctor", help="what runs here: devices, versions, patches, kernels")
   doctor.set_defaults(func=_run_doctor)
@@ -39,6 +84,19 @@ def _run_demo(args) -> int:
   from gemma4_jax import demo  # pylint: disable=g-import-not-at-top
   return demo.main(steps=args.steps, seq_len=args.seq_len,
                    batch_size=args.batch_size)
+
+
+def _run_perplexity(args) -> int:
+  from gemma4_jax import perplexity  # pylint: disable=g-import-not-at-top
+  try:
+    perplexity.run(args.checkpoint, args.data, adapter=args.adapter,
+                   alpha=args.alpha, top_k_count=args.top_k,
+                   inspect=args.inspect, dtype=args.dtype,
+                   progress=False if args.no_progress else None)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"gemma4-jax perplexity: error: {e}", file=sys.stderr)
+    return 2
+  return 0
 
 
 def _run_doctor(args) -> int:

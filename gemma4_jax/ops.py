@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gemma4_jax import implementations
 from gemma4_jax import masks
@@ -19,6 +20,9 @@ from gemma4_jax.kernels.lora import einsum as lora_einsum_lib
 from gemma4_jax.kernels.lora import pallas as lora_pallas
 from gemma4_jax.kernels.lora import sharding as lora_sharding
 from gemma4_jax.kernels.lora import xla as lora_xla
+from gemma4_jax.kernels.loss import fused as loss_fused
+from gemma4_jax.kernels.loss import pallas_tpu as loss_pallas
+from gemma4_jax.kernels.loss import xla as loss_xla
 from gemma4_jax.kernels.ple import combine as ple_combine
 from gemma4_jax.kernels.ple import host as ple_host
 from gemma4_jax.kernels.ple import pallas_tpu as ple_pallas
@@ -26,6 +30,7 @@ from gemma4_jax.kernels.ple import sharded as ple_sharded
 from gemma4_jax.kernels.ple import xla as ple_xla
 from gemma4_jax.reference import attention as attention_reference
 from gemma4_jax.reference import lora as lora_reference
+from gemma4_jax.reference import loss as loss_reference
 from gemma4_jax.reference import ple as ple_reference
 
 _ATTENTION = {
@@ -33,15 +38,16 @@ _ATTENTION = {
     implementations.XLA: attention_xla.attention,
     implementations.REFERENCE: attention_reference.attention,
 }
+_EVERY = (implementations.PALLAS_TPU, implementations.XLA,
+          implementations.REFERENCE)
+_PLE = _LOSS = _EVERY
 # op name -> implementations it has, in order of preference.
-_PLE = (implementations.PALLAS_TPU, implementations.XLA,
-        implementations.REFERENCE)
 AVAILABLE = {
     "attention": tuple(_ATTENTION),
     "ple_lookup": _PLE,
     "per_layer_inputs": _PLE,
-    "lora_matmul": (implementations.PALLAS_TPU, implementations.XLA,
-                    implementations.REFERENCE),
+    "lora_matmul": _EVERY,
+    "softcapped_cross_entropy": _LOSS,
 }
 
 
@@ -150,6 +156,40 @@ def ple_lookup(per_layer_table, tokens, *, num_layers, per_layer_dim,
 
   Returns:
     `[B, T, L, P]` in the table's dtype.
+
+
+def softcapped_cross_entropy(hidden, embedding, targets, weights, *,
+                             softcap=30.0, implementation=None,
+                             interpret=False, block_sizes=None, mesh=None):
+  """Weighted cross-entropy of softcapped tied-embedding logits, fused.
+
+  The logits `c * tanh(hidden @ embedding.T / c)` are never materialized:
+  the Pallas and XLA versions stream `[tokens, vocab]` tiles with an online
+  float32 logsumexp, and the gradient `dz = (softmax - onehot) * (1 -
+  tanh^2)` is recomputed per tile (`d hidden = dz @ E`, `d embedding = dz^T
+  @ hidden`, the latter only when the embedding is differentiated). Under a
+  mesh (`mesh`, or the one in context), tokens are split over `fsdp` and the
+  vocab over `tp` inside `jax.shard_map`.
+
+  Tunix's SFT loss is `loss_sum / (weight_sum + 1e-8)`.
+
+  Args:
+    hidden: final-norm outputs `[B, T, D]`, floating.
+    embedding: the tied embedding `[V, D]`, same dtype as hidden.
+    targets: integer ids `[B, T]` in `[0, V)`. Concrete targets outside that
+      range raise `ValueError`; under `jit` they cannot be checked and, as in
+      Tunix's one-hot loss, give nll 0 and no gradient.
+    weights: `[B, T]`, boolean (a loss mask) or real.
+    softcap: c in `c * tanh(logits / c)` (Gemma 4: 30), or None.
+    implementation: None, "pallas_tpu", "xla" or "reference" (module
+      docstring); "reference" materializes the logits.
+    interpret: run the Pallas kernel in interpret mode (CPU).
+    block_sizes: the implementation's `BlockSizes`, or None for defaults.
+    mesh: a `('fsdp', 'tp')` mesh, or None for the mesh in context (none:
+      unsharded).
+
+  Returns:
+    `(sum(weights * nll), sum(weights))`, float32 scalars.
 
   Raises:
     ValueError / TypeError: naming the argument and expected vs actual.
@@ -481,3 +521,63 @@ def lora_einsum_plan(equation, x_shape, w_shape):
   if not isinstance(equation, str):
     raise TypeError(f"equation must be a str, got {type(equation).__name__}")
   return lora_einsum_lib.plan(equation, tuple(x_shape), tuple(w_shape))
+
+
+  _check_loss_args(hidden, embedding, targets, weights, softcap)
+  name = implementations.resolve("softcapped_cross_entropy", implementation,
+                                 _LOSS, interpret=interpret)
+  targets = targets.astype(jnp.int32)
+  weights = weights.astype(jnp.float32)
+  if name == implementations.REFERENCE:
+    nll = loss_reference.token_nll(hidden, embedding, targets,
+                                   softcap=softcap)
+    return jnp.sum(weights * nll), jnp.sum(weights)
+  module = loss_pallas if name == implementations.PALLAS_TPU else loss_xla
+  if block_sizes is None:
+    block_sizes = module.BlockSizes.get_default()
+  elif not isinstance(block_sizes, module.BlockSizes):
+    raise TypeError(f"block_sizes must be a {module.__name__}.BlockSizes for "
+                    f"implementation {name!r}, got {block_sizes!r}")
+  return loss_fused.loss_sums(
+      hidden, embedding, targets, weights, softcap=softcap,
+      passes=module.passes(block_sizes, interpret=interpret), mesh=mesh)
+
+
+def _check_loss_args(hidden, embedding, targets, weights, softcap):
+  for name, x, rank in (("hidden", hidden, "[B, T, D]"),
+                        ("embedding", embedding, "[V, D]")):
+    if getattr(x, "ndim", None) != len(rank.split(",")):
+      raise ValueError(f"{name} must be {rank}, got shape "
+                       f"{getattr(x, 'shape', type(x).__name__)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{name} must be floating, got {x.dtype}")
+  if hidden.dtype != embedding.dtype:
+    raise TypeError(f"hidden and embedding must share a dtype, got "
+                    f"{hidden.dtype} and {embedding.dtype}")
+  if hidden.shape[-1] != embedding.shape[1]:
+    raise ValueError(f"hidden [B, T, D] and embedding [V, D] need the same D, "
+                     f"got hidden {hidden.shape} and embedding "
+                     f"{embedding.shape}")
+  for name, x in (("targets", targets), ("weights", weights)):
+    if getattr(x, "shape", None) != hidden.shape[:2]:
+      raise ValueError(f"{name} must have shape [B, T] = {hidden.shape[:2]}, "
+                       f"got {getattr(x, 'shape', type(x).__name__)}")
+  if not jnp.issubdtype(targets.dtype, jnp.integer):
+    raise TypeError(f"targets must be integer ids, got {targets.dtype}")
+  if not (jnp.issubdtype(weights.dtype, jnp.floating) or
+          weights.dtype == jnp.bool_):
+    raise TypeError(f"weights must be boolean or floating, got "
+                    f"{weights.dtype}")
+  if softcap is not None and not (isinstance(softcap, (int, float)) and
+                                  softcap > 0):
+    raise ValueError(f"softcap must be a positive number or None, got "
+                     f"{softcap!r}")
+  if not isinstance(targets, jax.core.Tracer) and targets.size:
+    vocab = embedding.shape[0]
+    ids = np.asarray(targets)
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+      bad = low if low < 0 else high
+      position = tuple(int(i) for i in np.argwhere(ids == bad)[0])
+      raise ValueError(f"targets must be in [0, V) = [0, {vocab}), got "
+                       f"{bad} at {position}")

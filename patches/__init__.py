@@ -11,10 +11,9 @@ print(patches.status())       # what can be patched here, what is
 
 One flag per feature. `attention` patches Tunix Gemma 4 `Attention.block`
 (see `tunix_attention`), `ple` its `Embedder.encode_per_layer_input` (see
-`tunix_ple`; `ple="host"` reads a host-resident table) and `lora` qwix's
-LoRA interceptor (see `qwix_lora`); `loss` is accepted and reported as "not
-available" (nothing is patched for it, and the default `apply()` does not
-fail because of it).
+`tunix_ple`; `ple="host"` reads a host-resident table), `lora` qwix's LoRA
+interceptor (see `qwix_lora`) and `loss` Tunix's default SFT loss (see
+`tunix_loss`).
 
 `apply()` is idempotent, checks every target before touching any (installed
 version against the tested ones, presence and signature of each attribute it
@@ -38,6 +37,7 @@ from gemma4_jax.patches import _framework
 from gemma4_jax.patches import qwix_lora
 from gemma4_jax.patches import tunix_attention
 from gemma4_jax.patches import tunix_ple
+from gemma4_jax.patches import tunix_loss
 from gemma4_jax.patches._framework import PatchReport
 from gemma4_jax.patches._framework import Status
 from gemma4_jax.patches._framework import TargetChangedError
@@ -53,7 +53,7 @@ _TARGETS = {
     "attention": tunix_attention.target,
     "ple": tunix_ple.target,
     "lora": qwix_lora.target,
-    "loss": None,
+    "loss": tunix_loss.target,
 }
 _NO_PATCH_YET = "gemma4_jax has no patch for this feature yet"
 PLE_HOST = "host"  # apply(ple="host"): the PLE table stays in host memory
@@ -74,7 +74,8 @@ def apply(*, attention: bool = True, ple: bool | str = True, lora: bool = True,
     lora: route qwix LoRA einsum/dot_general (every Gemma 4 projection)
       through `gemma4_jax.ops.lora_einsum`/`lora_matmul` (see `qwix_lora`
       for what stays on qwix's path; the report names it).
-    loss: accepted; no patch exists for it yet, so it is
+    loss: compute PeftTrainer's default loss on Gemma 4 with
+      `gemma4_jax.ops.softcapped_cross_entropy` (no logits materialized).
       reported as not available.
     implementation: passed to every op the patches call: None (Pallas on
       TPU, XLA elsewhere, `GEMMA4_JAX_IMPLEMENTATION` overrides), "xla",

@@ -42,13 +42,13 @@ def test_import_patches_nothing_and_imports_no_tunix():
 
 
 def test_apply_reports_and_revert_restores_the_original_object():
-  report = patches.apply()
+  report = patches.apply(loss=False)
   assert report.patched == (TARGET, PLE_TARGET, LORA_TARGET)
   assert gemma4_lib.Attention.block is not ORIGINAL
   assert gemma4_lib.Attention.block.__wrapped__ is ORIGINAL
   states = {t.feature: t.state for t in report.targets}
   assert states == {"attention": "patched", "ple": "patched",
-                    "lora": "patched", "loss": "not available"}
+                    "lora": "patched", "loss": "skipped"}
   assert report.tunix_version == "0.1.7" and report.qwix_version == "0.1.8"
   assert report.implementation is None
   assert report.resolved_implementation == "xla"
@@ -70,14 +70,14 @@ def test_apply_twice_is_harmless_and_other_options_replace_cleanly():
   assert gemma4_lib.Attention.block.__wrapped__ is ORIGINAL
   assert patches.status().implementation == "reference"
 
-  report = patches.apply(attention=False, ple=False)
+  report = patches.apply(attention=False, ple=False, loss=False)
   assert report.patched == (LORA_TARGET,)
   assert report.targets[0].state == "skipped"
   assert gemma4_lib.Attention.block is ORIGINAL
 
 
 def test_applied_restores_on_exit_and_on_exception():
-  with patches.applied() as report:
+  with patches.applied(loss=False) as report:
     assert report.patched == (TARGET, PLE_TARGET, LORA_TARGET)
     assert gemma4_lib.Attention.block is not ORIGINAL
   assert gemma4_lib.Attention.block is ORIGINAL
@@ -108,7 +108,7 @@ def test_status():
   ple, lora, loss = others
   assert ple.available and not ple.patched
   assert lora.available and lora.target == LORA_TARGET and not lora.patched
-  assert not (loss.available or loss.patched)
+  assert loss.available and not loss.patched
   assert status.implementation is None
   with patches.applied(implementation="xla"):
     status = patches.status()
@@ -172,7 +172,7 @@ def test_untested_version_warns_and_patches(monkeypatch):
       _framework, "installed_version",
       lambda d: "0.1.99" if d == "google-tunix" else installed(d))
   with pytest.warns(UserWarning, match="google-tunix 0.1.99 is not among"):
-    report = patches.apply()
+    report = patches.apply(loss=False)
   assert report.patched == (TARGET, PLE_TARGET, LORA_TARGET)
   assert "untested" in report.targets[0].reason
   status = patches.status()
@@ -255,7 +255,7 @@ def test_split_layout_detection_and_checks(monkeypatch):
   split_block = Attention.__dict__["block"]
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # a known layout: no untested warning
-    with patches.applied(ple=False) as report:
+    with patches.applied(ple=False, loss=False) as report:
       assert report.patched == (status.target, LORA_TARGET)
       assert "Tunix main c7d8950f layout" in report.targets[0].reason
       assert Attention.__dict__["block"].__wrapped__ is split_block

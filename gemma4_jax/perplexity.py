@@ -1,0 +1,384 @@
+"""Perplexity and top-k next-token inspection of Gemma 4, without logits.
+
+What is computed (Gemma 4 softcaps its final logits, c = 30): the model's
+next-token distribution is `softmax(c * tanh(h @ E^T / c))`, the one it
+samples from at temperature 1. The mean NLL is the average over scored
+tokens of `-log` of that probability of the actual next token, and the
+perplexity is `exp(mean NLL)`; the raw, uncapped `h @ E^T` is never used.
+Scored tokens: every token after the first for a `text` example; only the
+`completion` tokens (each predicted from the prompt and the completion
+before it) for a `prompt`/`completion` example.
+
+The LM head runs fused in `gemma4_jax.ops.softcapped_cross_entropy` and
+top-k in `kernels.loss.top_k`: the `[T, V]` logits are never held. A
+checkpoint is loaded with Tunix's own safetensors loader; an adapter is
+merged into the base by `gemma4_jax.export` (into a temporary directory), so
+the adapted numbers are those of the merged checkpoint one would deploy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import os
+import tempfile
+from typing import Iterable, Sequence
+
+import numpy as np
+
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "config.json"
+# Examples are padded up to a power of two (at least this) so that few
+# lengths are compiled.
+MIN_PADDED_LENGTH = 16
+
+
+class DatasetError(ValueError):
+  """A dataset line that is not what `perplexity` expects."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One tokenized example.
+
+  `tokens [T]` int32; `scored [T]` bool: position t is scored when token t
+  is predicted (so `scored[0]` is always False).
+  """
+  tokens: np.ndarray
+  scored: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+  """Token-level totals over a dataset."""
+  nll_sum: float
+  num_tokens: int
+  num_examples: int
+
+  @property
+  def mean_nll(self) -> float:
+    return self.nll_sum / self.num_tokens if self.num_tokens else math.nan
+
+  @property
+  def perplexity(self) -> float:
+    return math.exp(self.mean_nll) if self.num_tokens else math.nan
+
+
+def read_dataset(path: str | os.PathLike) -> list[dict]:
+  """JSONL records with `text`, or `prompt` and `completion` (strings).
+
+  Raises:
+    DatasetError: naming the file and line of the first bad record.
+  """
+  records = []
+  with open(path, encoding="utf-8") as f:
+    for number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      where = f"{os.fspath(path)}:{number}"
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise DatasetError(f"{where}: not a JSON object ({e})") from None
+      if not isinstance(record, dict):
+        raise DatasetError(f"{where}: expected a JSON object, got "
+                           f"{type(record).__name__}")
+      if "text" in record:
+        fields = ("text",)
+      elif "prompt" in record and "completion" in record:
+        fields = ("prompt", "completion")
+      else:
+        raise DatasetError(
+            f"{where}: expected a 'text' field, or 'prompt' and "
+            f"'completion' fields; got {sorted(record)}")
+      for field in fields:
+        if not isinstance(record[field], str):
+          raise DatasetError(f"{where}: field {field!r} must be a string, "
+                             f"got {type(record[field]).__name__}")
+      records.append({field: record[field] for field in fields})
+  return records
+
+
+def load_tokenizer(checkpoint_dir: str | os.PathLike):
+  """The checkpoint's own `tokenizer.json` (`tokenizers` library)."""
+  import tokenizers  # pylint: disable=g-import-not-at-top
+  path = os.path.join(checkpoint_dir, TOKENIZER_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"checkpoint: no {TOKENIZER_FILE} in "
+                            f"{os.fspath(checkpoint_dir)}")
+  return tokenizers.Tokenizer.from_file(path)
+
+
+def tokenize(records: Iterable[dict], tokenizer) -> list[Example]:
+  """Examples from `read_dataset` records.
+
+  `text` is encoded with the tokenizer's special tokens (e.g. BOS); a
+  completion is encoded without them and appended to its prompt's tokens.
+  """
+  examples = []
+  for record in records:
+    if "text" in record:
+      tokens = tokenizer.encode(record["text"]).ids
+      scored = [True] * len(tokens)
+    else:
+      prompt = tokenizer.encode(record["prompt"]).ids
+      completion = tokenizer.encode(record["completion"],
+                                    add_special_tokens=False).ids
+      tokens = prompt + completion
+      scored = [False] * len(prompt) + [True] * len(completion)
+    if scored:
+      scored[0] = False  # the first token has nothing to be predicted from
+    examples.append(Example(np.asarray(tokens, np.int32),
+                            np.asarray(scored, bool)))
+  return examples
+
+
+def tunix_config(checkpoint_dir: str | os.PathLike, *, dtype="float32"):
+  """A Tunix Gemma 4 `ModelConfig` from a Hugging Face `config.json`."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from tunix.models.gemma4 import model as gemma4_lib  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(checkpoint_dir, CONFIG_FILE)) as f:
+    config = json.load(f)
+  text = config.get("text_config") or config
+  layer_types = text["layer_types"]
+  kinds = {"full_attention": gemma4_lib.AttentionType.GLOBAL,
+           "sliding_attention": gemma4_lib.AttentionType.LOCAL_SLIDING}
+  unknown = sorted(set(layer_types) - set(kinds))
+  if unknown:
+    raise ValueError(f"{CONFIG_FILE}: unknown layer_types {unknown}")
+  rope = text.get("rope_parameters") or {}
+  num_layers = text["num_hidden_layers"]
+  dtype = jnp.dtype(dtype)
+  return gemma4_lib.ModelConfig(
+      num_layers=num_layers, num_embed=text["vocab_size"],
+      embed_dim=text["hidden_size"], hidden_dim=text["intermediate_size"],
+      num_heads=text["num_attention_heads"], head_dim=text["head_dim"],
+      num_kv_heads=text["num_key_value_heads"],
+      num_global_kv_heads=text.get("num_global_key_value_heads"),
+      global_key_size=text.get("global_head_dim") or text["head_dim"],
+      final_logit_softcap=text.get("final_logit_softcapping"),
+      sliding_window_size=text.get("sliding_window"),
+      per_layer_input_dim=text.get("hidden_size_per_layer_input") or 0,
+      attention_pattern=tuple(kinds[t] for t in layer_types),
+      frac_shared_layers=text.get("num_kv_shared_layers", 0) / num_layers,
+      k_eq_v_global=bool(text.get("attention_k_eq_v", False)),
+      override_kv_shared_ffw_hidden=(2 * text["intermediate_size"]
+                                     if text.get("use_double_wide_mlp")
+                                     else None),
+      global_rope_proportion=rope.get("full_attention", {}).get(
+          "partial_rotary_factor", 0.25),
+      local_base_frequency=int(rope.get("sliding_attention", {}).get(
+          "rope_theta", 10_000)),
+      global_base_frequency=int(rope.get("full_attention", {}).get(
+          "rope_theta", 1_000_000)),
+      param_dtype=dtype, dtype=dtype)
+
+
+def load_model(checkpoint_dir: str | os.PathLike, *, dtype="float32"):
+  """A Tunix Gemma 4 from a Hugging Face checkpoint (Tunix's loader)."""
+  from tunix.models.gemma4 import params_safetensors  # pylint: disable=g-import-not-at-top
+  config = tunix_config(checkpoint_dir, dtype=dtype)
+  return params_safetensors.create_model_from_safe_tensors(
+      os.fspath(checkpoint_dir), config)
+
+
+@contextlib.contextmanager
+def merged_checkpoint(checkpoint_dir: str | os.PathLike, adapter: str, *,
+                      alpha: float | None = None):
+  """Yields a temporary directory with `adapter` merged into the base."""
+  from gemma4_jax.export import merging  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory(prefix="gemma4_jax_ppl_") as tmp:
+    out = os.path.join(tmp, "merged")
+    merging.merge(checkpoint_dir, adapter, out, alpha=alpha, progress=False)
+    yield out
+
+
+def _padded_length(length: int) -> int:
+  return max(MIN_PADDED_LENGTH, 1 << max(0, length - 1).bit_length())
+
+
+def _batch(example: Example):
+  """One example as a right-padded batch of one, and Tunix's inputs."""
+  from tunix.sft import utils as sft_utils  # pylint: disable=g-import-not-at-top
+  length = _padded_length(len(example.tokens))
+  pad = length - len(example.tokens)
+  tokens = np.pad(example.tokens, (0, pad))[None]
+  mask = np.pad(np.ones(len(example.tokens), bool), (0, pad))[None]
+  scored = np.pad(example.scored, (0, pad))[None]
+  return (tokens, scored, sft_utils.build_positions_from_mask(mask),
+          sft_utils.make_causal_attn_mask(mask))
+
+
+def _hidden_fn():
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from gemma4_jax.patches import tunix_loss  # pylint: disable=g-import-not-at-top
+
+  @nnx.jit
+  def hidden(model, tokens, positions, attention_mask):
+    out = tunix_loss.final_hidden(model, tokens, positions, attention_mask)
+    return out.astype(model.config.dtype)
+  return hidden
+
+
+def perplexity(model, examples: Sequence[Example], *, progress=None,
+               implementation: str | None = None,
+               description: str = "perplexity") -> Result:
+  """Token-level NLL over `examples` (see the module docstring).
+
+  Args:
+    model: a Tunix Gemma 4 (with or without qwix LoRA).
+    examples: from `tokenize`.
+    progress: show a tqdm bar (None: only on a terminal).
+    implementation: for `ops.softcapped_cross_entropy`.
+    description: the progress bar's label.
+
+  Returns:
+    A `Result`.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import tqdm  # pylint: disable=g-import-not-at-top
+  from gemma4_jax import ops  # pylint: disable=g-import-not-at-top
+
+  hidden_fn = _hidden_fn()
+  softcap = model.config.final_logit_softcap
+
+  @jax.jit
+  def nll(hidden, embedding, tokens, scored):
+    return ops.softcapped_cross_entropy(
+        hidden[:, :-1], embedding, tokens[:, 1:], scored[:, 1:],
+        softcap=softcap, implementation=implementation)
+
+  embedding = jnp.asarray(model.embedder.input_embedding.value,
+                          model.config.dtype)
+  total, count = 0.0, 0
+  bar = tqdm.tqdm(examples, desc=description, unit="example",
+                  disable=(not progress) if progress is not None else None)
+  for example in bar:
+    tokens, scored, positions, attention_mask = _batch(example)
+    hidden = hidden_fn(model, tokens, positions, attention_mask)
+    loss_sum, weight_sum = nll(hidden, embedding, tokens, scored)
+    total += float(loss_sum)
+    count += int(round(float(weight_sum)))
+  return Result(total, count, len(examples))
+
+
+@dataclasses.dataclass(frozen=True)
+class TopK:
+  """Top-k next tokens of one example: row t predicts token t + 1.
+
+  `ids`/`probs` `[T - 1, k]`, most likely first; `target_probs [T - 1]` is
+  the probability of the actual next token.
+  """
+  ids: np.ndarray
+  probs: np.ndarray
+  target_probs: np.ndarray
+
+
+def top_k(model, example: Example, k: int) -> TopK:
+  """Streaming top-k over vocab chunks at every position of `example`.
+
+  Raises:
+    ValueError: k not in [1, V], or an example of fewer than 2 tokens.
+  """
+  if len(example.tokens) < 2:
+    raise ValueError("top_k: the example needs at least 2 tokens, got "
+                     f"{len(example.tokens)}")
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from gemma4_jax.kernels.loss import top_k as top_k_lib  # pylint: disable=g-import-not-at-top
+
+  tokens, _, positions, attention_mask = _batch(example)
+  length = len(example.tokens)
+  hidden = _hidden_fn()(model, tokens, positions, attention_mask)[
+      0, :length - 1]
+  embedding = jnp.asarray(model.embedder.input_embedding.value,
+                          model.config.dtype)
+  softcap = model.config.final_logit_softcap
+
+  @functools.partial(jax.jit, static_argnames=("k",))
+  def inspect(hidden, embedding, targets, k):
+    ids, probs, log_z = top_k_lib.top_k_next_tokens(hidden, embedding, k,
+                                                    softcap=softcap)
+    # The actual next token's logit: one row of E per position.
+    z = jnp.einsum("td,td->t", hidden.astype(jnp.float32),
+                   embedding[targets].astype(jnp.float32),
+                   precision=jax.lax.Precision.HIGHEST)
+    if softcap is not None:
+      z = softcap * jnp.tanh(z / softcap)
+    return ids, probs, jnp.exp(z - log_z)
+
+  ids, probs, target_probs = inspect(hidden, embedding,
+                                     jnp.asarray(example.tokens[1:]), k)
+  return TopK(np.asarray(ids), np.asarray(probs), np.asarray(target_probs))
+
+
+def run(checkpoint: str, data: str, *, adapter: str | None = None,
+        alpha: float | None = None, top_k_count: int | None = None,
+        inspect: Sequence[int] = (0,), dtype: str = "float32",
+        progress=None, implementation: str | None = None, out=None) -> dict:
+  """The `gemma4-jax perplexity` command: prints a report, returns it.
+
+  Returns:
+    `{"base": Result, "adapted": Result or absent, "top_k": {...}}`.
+
+  Raises:
+    DatasetError: a bad dataset line; ValueError: bad arguments.
+  """
+  import sys  # pylint: disable=g-import-not-at-top
+  out = out or sys.stdout
+  records = read_dataset(data)
+  if not records:
+    raise DatasetError(f"{data}: no examples")
+  tokenizer = load_tokenizer(checkpoint)
+  examples = tokenize(records, tokenizer)
+  bad = [i for i in inspect if not 0 <= i < len(examples)]
+  if top_k_count is not None and bad:
+    raise ValueError(f"--inspect: examples {bad} out of range [0, "
+                     f"{len(examples)})")
+  models = [("base", lambda: contextlib.nullcontext(checkpoint))]
+  if adapter is not None:
+    models.append(("adapted", lambda: merged_checkpoint(checkpoint, adapter,
+                                                        alpha=alpha)))
+  report = {"top_k": {}}
+  for name, directory in models:
+    with directory() as model_dir:
+      model = load_model(model_dir, dtype=dtype)
+      report[name] = perplexity(model, examples, progress=progress,
+                                implementation=implementation,
+                                description=name)
+      if top_k_count is not None:
+        for index in inspect:
+          report["top_k"][(name, index)] = top_k(model, examples[index],
+                                                 top_k_count)
+  _print_report(report, [name for name, _ in models], examples, tokenizer,
+                out)
+  return report
+
+
+def _print_report(report, names, examples, tokenizer, out):
+  base = report["base"]
+  print(f"{base.num_examples} examples, {base.num_tokens} scored tokens; "
+        "NLL under softmax(c * tanh(logits / c)), c = the checkpoint's "
+        "final_logit_softcapping: the distribution Gemma 4 samples from",
+        file=out)
+  print(f"{'model':<8} {'mean NLL':>10} {'perplexity':>12}", file=out)
+  for name in names:
+    result = report[name]
+    print(f"{name:<8} {result.mean_nll:>10.4f} {result.perplexity:>12.4f}",
+          file=out)
+  for (name, index), top in report["top_k"].items():
+    tokens = examples[index].tokens
+    print(f"\nexample {index}, {name}: top-{top.ids.shape[1]} next tokens",
+          file=out)
+    for t in range(len(tokens) - 1):
+      nxt = tokenizer.id_to_token(int(tokens[t + 1]))
+      candidates = "  ".join(
+          f"{tokenizer.id_to_token(int(i))!s}:{p:.4f}"
+          for i, p in zip(top.ids[t], top.probs[t]))
+      print(f"  {t:>4} {tokenizer.id_to_token(int(tokens[t]))!s:>12} -> "
+            f"{nxt!s:<12} p={top.target_probs[t]:.4f} | {candidates}",
+            file=out)

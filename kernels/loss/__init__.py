@@ -1,0 +1,1 @@
+"""Fused softcapped final projection + cross-entropy (never the logits)."""
