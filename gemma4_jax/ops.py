@@ -157,40 +157,6 @@ def ple_lookup(per_layer_table, tokens, *, num_layers, per_layer_dim,
   Returns:
     `[B, T, L, P]` in the table's dtype.
 
-
-def softcapped_cross_entropy(hidden, embedding, targets, weights, *,
-                             softcap=30.0, implementation=None,
-                             interpret=False, block_sizes=None, mesh=None):
-  """Weighted cross-entropy of softcapped tied-embedding logits, fused.
-
-  The logits `c * tanh(hidden @ embedding.T / c)` are never materialized:
-  the Pallas and XLA versions stream `[tokens, vocab]` tiles with an online
-  float32 logsumexp, and the gradient `dz = (softmax - onehot) * (1 -
-  tanh^2)` is recomputed per tile (`d hidden = dz @ E`, `d embedding = dz^T
-  @ hidden`, the latter only when the embedding is differentiated). Under a
-  mesh (`mesh`, or the one in context), tokens are split over `fsdp` and the
-  vocab over `tp` inside `jax.shard_map`.
-
-  Tunix's SFT loss is `loss_sum / (weight_sum + 1e-8)`.
-
-  Args:
-    hidden: final-norm outputs `[B, T, D]`, floating.
-    embedding: the tied embedding `[V, D]`, same dtype as hidden.
-    targets: integer ids `[B, T]` in `[0, V)`. Concrete targets outside that
-      range raise `ValueError`; under `jit` they cannot be checked and, as in
-      Tunix's one-hot loss, give nll 0 and no gradient.
-    weights: `[B, T]`, boolean (a loss mask) or real.
-    softcap: c in `c * tanh(logits / c)` (Gemma 4: 30), or None.
-    implementation: None, "pallas_tpu", "xla" or "reference" (module
-      docstring); "reference" materializes the logits.
-    interpret: run the Pallas kernel in interpret mode (CPU).
-    block_sizes: the implementation's `BlockSizes`, or None for defaults.
-    mesh: a `('fsdp', 'tp')` mesh, or None for the mesh in context (none:
-      unsharded).
-
-  Returns:
-    `(sum(weights * nll), sum(weights))`, float32 scalars.
-
   Raises:
     ValueError / TypeError: naming the argument and expected vs actual.
   """
@@ -523,6 +489,42 @@ def lora_einsum_plan(equation, x_shape, w_shape):
   return lora_einsum_lib.plan(equation, tuple(x_shape), tuple(w_shape))
 
 
+def softcapped_cross_entropy(hidden, embedding, targets, weights, *,
+                             softcap=30.0, implementation=None,
+                             interpret=False, block_sizes=None, mesh=None):
+  """Weighted cross-entropy of softcapped tied-embedding logits, fused.
+
+  The logits `c * tanh(hidden @ embedding.T / c)` are never materialized:
+  the Pallas and XLA versions stream `[tokens, vocab]` tiles with an online
+  float32 logsumexp, and the gradient `dz = (softmax - onehot) * (1 -
+  tanh^2)` is recomputed per tile (`d hidden = dz @ E`, `d embedding = dz^T
+  @ hidden`, the latter only when the embedding is differentiated). Under a
+  mesh (`mesh`, or the one in context), tokens are split over `fsdp` and the
+  vocab over `tp` inside `jax.shard_map`.
+
+  Tunix's SFT loss is `loss_sum / (weight_sum + 1e-8)`.
+
+  Args:
+    hidden: final-norm outputs `[B, T, D]`, floating.
+    embedding: the tied embedding `[V, D]`, same dtype as hidden.
+    targets: integer ids `[B, T]` in `[0, V)`. Concrete targets outside that
+      range raise `ValueError`; under `jit` they cannot be checked and, as in
+      Tunix's one-hot loss, give nll 0 and no gradient.
+    weights: `[B, T]`, boolean (a loss mask) or real.
+    softcap: c in `c * tanh(logits / c)` (Gemma 4: 30), or None.
+    implementation: None, "pallas_tpu", "xla" or "reference" (module
+      docstring); "reference" materializes the logits.
+    interpret: run the Pallas kernel in interpret mode (CPU).
+    block_sizes: the implementation's `BlockSizes`, or None for defaults.
+    mesh: a `('fsdp', 'tp')` mesh, or None for the mesh in context (none:
+      unsharded).
+
+  Returns:
+    `(sum(weights * nll), sum(weights))`, float32 scalars.
+
+  Raises:
+    ValueError / TypeError: naming the argument and expected vs actual.
+  """
   _check_loss_args(hidden, embedding, targets, weights, softcap)
   name = implementations.resolve("softcapped_cross_entropy", implementation,
                                  _LOSS, interpret=interpret)
