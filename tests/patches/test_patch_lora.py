@@ -24,6 +24,9 @@ from gemma4_jax import tiny_models
 from gemma4_jax.patches import qwix_lora
 from qwix._src.providers import lora as qwix_lora_module
 
+# The LoRA patch alone (the others are tested in their own files).
+LORA_ONLY = dict(attention=False, ple=False, loss=False)
+
 pytestmark = pytest.mark.slow
 
 ALPHA = 8.0
@@ -90,7 +93,7 @@ def _num_adapters(model):
 
 
 def test_report_names_what_stays_on_qwix():
-  report = patches.apply(attention=False)
+  report = patches.apply(**LORA_ONLY)
   (lora,) = [t for t in report.targets if t.feature == "lora"]
   assert lora.state == "patched" and lora.target == LORA_MATMUL
   for words in ("dropout > 0", "int8 per-channel", "int4/nf4",
@@ -106,7 +109,7 @@ def test_report_names_what_stays_on_qwix():
 def test_same_loss_and_lora_grads(lora_model, batch, stock, implementation,
                                   interpret):
   stock, stock64 = stock
-  with patches.applied(attention=False, implementation=implementation,
+  with patches.applied(**LORA_ONLY, implementation=implementation,
                        interpret=interpret):
     patched = _loss_and_lora_grads(lora_model, batch)
   testing.assert_model_close(patched[0], stock[0], stock64[0], name="loss")
@@ -126,7 +129,7 @@ def test_every_lora_module_runs_the_kernel(lora_model, batch):
     return model(inputs["input_tokens"], inputs["positions"], None,
                  inputs["attention_mask"])[0]
   graphdef, state = nnx.split(lora_model)
-  with patches.applied(attention=False, interpret=True):
+  with patches.applied(**LORA_ONLY, interpret=True):
     jaxpr = str(jax.make_jaxpr(
         lambda state: forward(nnx.merge(graphdef, state)))(state))
   assert jaxpr.count("pallas_call") == _num_adapters(lora_model)
@@ -141,7 +144,7 @@ def test_dropout_stays_on_qwix():
       rngs=nnx.Rngs(1))
   model.set_attributes(qwix_rngs=nnx.Rngs(dropout=2))  # dropout's mask
   graphdef, state = nnx.split(model)
-  with patches.applied(attention=False, interpret=True):
+  with patches.applied(**LORA_ONLY, interpret=True):
     jaxpr = str(jax.make_jaxpr(
         lambda state: nnx.merge(graphdef, state)(x))(state))
   assert "pallas_call" not in jaxpr
@@ -150,7 +153,7 @@ def test_dropout_stays_on_qwix():
       qwix.LoraProvider(module_path=".*", rank=4, alpha=ALPHA), x,
       rngs=nnx.Rngs(1))
   graphdef, state = nnx.split(without_dropout)
-  with patches.applied(attention=False, interpret=True):
+  with patches.applied(**LORA_ONLY, interpret=True):
     jaxpr = str(jax.make_jaxpr(
         lambda state: nnx.merge(graphdef, state)(x))(state))
   assert "pallas_call" in jaxpr
@@ -168,7 +171,7 @@ def test_peft_trainer_loss_curve():
     return np.array(tiny_models.train(model, batches).losses)
 
   stock = losses(fresh_model())
-  with patches.applied(attention=False, implementation="xla"):
+  with patches.applied(**LORA_ONLY, implementation="xla"):
     patched = losses(fresh_model())
   with jax.enable_x64(True):
     stock64 = losses(tiny_models.float64_copy(fresh_model(), alpha=ALPHA))
@@ -191,7 +194,7 @@ def test_sharded_train_step_on_simulated_mesh(lora_model, batch, stock):
   sharded_batch = jax.tree.map(lambda x: jax.device_put(x, rows), batch)
   stock, stock64 = stock
   inputs = tiny_models.model_inputs(batch)
-  with patches.applied(attention=False, implementation="xla"), \
+  with patches.applied(**LORA_ONLY, implementation="xla"), \
       jax.set_mesh(mesh):
     patched = _loss_and_lora_grads(sharded_model, sharded_batch)
     jaxpr = str(jax.make_jaxpr(lambda state: nnx.merge(graphdef, state)(
@@ -250,7 +253,7 @@ def test_int8_qlora_base_is_routed(kind):
     return jax.grad(loss, argnums=(0, 1), has_aux=True)(lora, x)
 
   (d_lora, d_x), out = out_and_grads(lora, x)
-  with patches.applied(attention=False, interpret=True):
+  with patches.applied(**LORA_ONLY, interpret=True):
     jaxpr = str(jax.make_jaxpr(out_and_grads)(lora, x))
     (p_lora, p_x), p_out = out_and_grads(lora, x)
   assert jaxpr.count("pallas_call") == 2  # forward, dx

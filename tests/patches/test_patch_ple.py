@@ -23,6 +23,9 @@ from gemma4_jax import tiny_models
 from gemma4_jax.kernels.ple.host import HostTable
 from gemma4_jax.patches import tunix_ple
 
+# The PLE patch alone (the others are tested in their own files).
+OTHERS_OFF = dict(attention=False, lora=False, loss=False)
+
 pytestmark = pytest.mark.slow
 
 VOCAB = 64
@@ -107,7 +110,7 @@ def stock(lora_model, inputs):
 def test_logits_and_lora_grads_match_stock(lora_model, inputs, stock, ple,
                                            options):
   model = _host_copy(lora_model) if ple == "host" else lora_model
-  with patches.applied(attention=False, ple=ple, **options) as report:
+  with patches.applied(**OTHERS_OFF, ple=ple, **options) as report:
     assert any(t.feature == "ple" and t.state == "patched"
                for t in report.targets)
     logits = _logits(model, inputs)
@@ -121,9 +124,9 @@ def test_logits_and_lora_grads_match_stock(lora_model, inputs, stock, ple,
 
 
 def test_host_mode_is_bit_identical_to_device_mode(lora_model, inputs):
-  with patches.applied(attention=False, ple=True, implementation="xla"):
+  with patches.applied(**OTHERS_OFF, ple=True, implementation="xla"):
     device = np.asarray(_logits(lora_model, inputs))
-  with patches.applied(attention=False, ple="host"):
+  with patches.applied(**OTHERS_OFF, ple="host"):
     host = np.asarray(_logits(_host_copy(lora_model), inputs))
   np.testing.assert_array_equal(host, device)
 
@@ -141,9 +144,9 @@ def test_host_mode_step_has_no_table_among_device_arguments(lora_model,
         inputs["attention_mask"]).compile()
     return compiled.memory_analysis().argument_size_in_bytes
 
-  with patches.applied(attention=False, ple=True, implementation="xla"):
+  with patches.applied(**OTHERS_OFF, ple=True, implementation="xla"):
     on_device = argument_bytes(lora_model)
-  with patches.applied(attention=False, ple="host"):
+  with patches.applied(**OTHERS_OFF, ple="host"):
     on_host = argument_bytes(_host_copy(lora_model))
   assert on_device - on_host == table.nbytes
 
@@ -151,7 +154,7 @@ def test_host_mode_step_has_no_table_among_device_arguments(lora_model,
 def test_gradient_into_host_table_is_a_clear_error(lora_model, inputs):
   model = _host_copy(lora_model)
   loss = lambda m: _loss(m, inputs)
-  with patches.applied(attention=False, ple="host"):
+  with patches.applied(**OTHERS_OFF, ple="host"):
     with pytest.raises(TypeError, match="host-resident and frozen"):
       # Every Param, the table's marker too; raised while tracing.
       nnx.jit(nnx.grad(loss))(model)
@@ -165,14 +168,14 @@ def test_jit_inside_simulated_mesh_with_tunix_table_sharding(lora_model,
   spec = P(*model.config.shd_config.per_layer_input_embedding)
   embedder.per_layer_input_embedding.value = jax.device_put(
       embedder.per_layer_input_embedding.value, NamedSharding(mesh, spec))
-  with patches.applied(attention=False, ple=True, implementation="xla"), \
+  with patches.applied(**OTHERS_OFF, ple=True, implementation="xla"), \
       jax.set_mesh(mesh):
     logits = _logits(model, inputs)
   testing.assert_model_close(logits, stock["logits"], stock["logits64"],
                              name="logits under the mesh")
   # Host mode under the mesh: each device fetches its own block of rows.
   tunix_ple.offload_table(model)
-  with patches.applied(attention=False, ple="host"), jax.set_mesh(mesh):
+  with patches.applied(**OTHERS_OFF, ple="host"), jax.set_mesh(mesh):
     host_logits = _logits(model, inputs)
   testing.assert_model_close(host_logits, stock["logits"], stock["logits64"],
                              name="host-mode logits under the mesh")
@@ -181,17 +184,17 @@ def test_jit_inside_simulated_mesh_with_tunix_table_sharding(lora_model,
 def test_report_revert_and_switching_modes(lora_model, inputs):
   embedder_cls = type(lora_model.embedder)
   original = embedder_cls.encode_per_layer_input
-  report = patches.apply(attention=False, ple=True)
+  report = patches.apply(**OTHERS_OFF, ple=True)
   (ple_report,) = [t for t in report.targets if t.feature == "ple"]
   assert ple_report.target.endswith("Embedder.encode_per_layer_input")
   assert "no-op on models without PLE" in ple_report.reason
   device_method = embedder_cls.encode_per_layer_input
   assert device_method.__wrapped__ is original
-  patches.apply(attention=False, ple="host")
+  patches.apply(**OTHERS_OFF, ple="host")
   assert embedder_cls.encode_per_layer_input is not device_method
   with pytest.raises(ValueError, match="offload_table"):
     _logits(lora_model, inputs)  # host mode, table still on the device
-  patches.apply(attention=False, ple=True)
+  patches.apply(**OTHERS_OFF, ple=True)
   with pytest.raises(ValueError, match="ple='host'"):
     _logits(_host_copy(lora_model), inputs)  # device mode, host table
   patches.revert()
@@ -207,7 +210,7 @@ def test_model_without_ple_is_unaffected():
   inputs = tiny_models.model_inputs(peft_trainer.TrainingInput(
       input_tokens=tokens, input_mask=np.ones((1, 8), bool)))
   stock = np.asarray(_logits(model, inputs))
-  with patches.applied(attention=False, ple=True):
+  with patches.applied(**OTHERS_OFF, ple=True):
     patched = np.asarray(_logits(model, inputs))
   np.testing.assert_array_equal(patched, stock)
   with pytest.raises(ValueError, match="no per-layer embedding"):
