@@ -9,10 +9,6 @@ jit caches a trace per function, not per patch state: every jitted function
 here is only ever called in one state.
 """
 
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -155,23 +151,3 @@ def test_other_models_and_custom_losses_are_left_alone(lora_model):
     custom = lambda model, **kwargs: jnp.zeros(())
     assert during.with_loss_fn(custom).loss_fn is custom
   assert before.loss_fn is STOCK_LOSS
-
-
-def _tunix_peft_trainer_test():
-  import tunix  # pylint: disable=g-import-not-at-top
-  root = os.path.dirname(os.path.dirname(os.path.abspath(tunix.__file__)))
-  return os.path.join(root, "tests", "sft", "peft_trainer_test.py")
-
-
-@pytest.mark.skipif(not os.path.exists(_tunix_peft_trainer_test()),
-                    reason="needs a Tunix source tree with its tests (run "
-                    "with PYTHONPATH=<tunix main checkout>); a wheel ships "
-                    "none")
-def test_tunix_own_peft_trainer_tests_pass_patched():
-  code = ("import sys, pytest, gemma4_jax.patches as p; "
-          "p.apply(attention=False, ple=False, lora=False, loss=True); "
-          f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', "
-          f"{_tunix_peft_trainer_test()!r}]))")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
-                          text=True, check=False)
-  assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
