@@ -7,10 +7,13 @@ env var `GEMMA4_JAX_IMPLEMENTATION` overrides the default); `"pallas_tpu"`,
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 
 from gemma4_jax import implementations
 from gemma4_jax import masks
+from gemma4_jax.kernels.attention import sharding as attention_sharding
 from gemma4_jax.kernels.attention import xla as attention_xla
 from gemma4_jax.reference import attention as attention_reference
 
@@ -44,7 +47,9 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
     interpret: run a Pallas kernel in interpret mode (CPU).
 
   Returns:
-    `[B, T, N, H]` in q's dtype. A query with no visible key gives 0.
+    `[B, T, N, H]` in q's dtype. A query with no visible key gives 0. Under
+    a mesh with Tunix's axes (`jax.set_mesh` or `with mesh:`), batch over
+    `fsdp` and query heads over `tp` (see `kernels.attention.sharding`).
 
   Raises:
     ValueError / TypeError: naming the argument and expected vs actual.
@@ -54,9 +59,12 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
                         scale=scale)
   name = implementations.resolve("attention", implementation,
                                  tuple(_ATTENTION), interpret=interpret)
-  return _ATTENTION[name](q, k, v, mask=mask, segment_ids=segment_ids,
-                          causal=causal, sliding_window=sliding_window,
-                          softcap=softcap, scale=scale)
+  run = functools.partial(_ATTENTION[name], causal=causal,
+                          sliding_window=sliding_window, softcap=softcap,
+                          scale=scale)
+  # Under a ('fsdp', 'tp') mesh each shard runs `run` in shard_map.
+  return attention_sharding.attention(run, q, k, v, mask=mask,
+                                      segment_ids=segment_ids)
 
 
 def _check_attention_args(q, k, v, *, mask, segment_ids, sliding_window,

@@ -207,6 +207,20 @@ def _load_block(config: _Config, q_block, k, v, visible, j):
   return jnp.where(query_seen, q_block, 0), k_block, v_block
 
 
+def _varying_like(*arrays):
+  """Casts a loop's initial carry to vary over the manual mesh axes its
+  operands vary over (inside `shard_map`), as the loop's results will."""
+  axes = set()
+  for x in arrays:
+    if x is not None:
+      axes |= set(jax.typeof(x).manual_axis_type.varying)
+  if not axes:
+    return lambda init: init
+  axes = tuple(sorted(axes))
+  return lambda init: jax.tree.map(
+      lambda x: jax.lax.pcast(x, axes, to="varying"), init)
+
+
 def _logits(config: _Config, q_block, k_block):
   """Scaled, softcapped float32 scores `[B, K, G, block_q, block_kv]`, and
   tanh of the softcap (for its gradient)."""
@@ -228,6 +242,7 @@ def _forward(config, q, k, v, mask, q_ids, kv_ids, first, end):
   batch, q_padded, num_kv_heads, group, head_dim = q.shape
   bq = config.block_q
   row_shape = (batch, num_kv_heads, group, bq)
+  varying = _varying_like(q, k, v, mask, q_ids, kv_ids)
 
   def q_step(i, carry):
     out, lse = carry
@@ -251,9 +266,9 @@ def _forward(config, q, k, v, mask, q_ids, kv_ids, first, end):
 
     row_max, total, acc = jax.lax.fori_loop(
         first[i], end[i], kv_step,
-        (jnp.full(row_shape, -jnp.inf, jnp.float32),
-         jnp.zeros(row_shape, jnp.float32),
-         jnp.zeros(row_shape + (head_dim,), jnp.float32)))
+        varying((jnp.full(row_shape, -jnp.inf, jnp.float32),
+                 jnp.zeros(row_shape, jnp.float32),
+                 jnp.zeros(row_shape + (head_dim,), jnp.float32))))
     seen = total > 0
     out_block = acc / jnp.where(seen, total, 1.0)[..., None]
     lse_block = jnp.where(seen, row_max + jnp.log(jnp.where(seen, total, 1.0)),
@@ -265,8 +280,9 @@ def _forward(config, q, k, v, mask, q_ids, kv_ids, first, end):
 
   out, lse = jax.lax.fori_loop(
       0, q_padded // bq, q_step,
-      (jnp.zeros(q.shape, q.dtype),
-       jnp.zeros((batch, num_kv_heads, group, q_padded), jnp.float32)))
+      varying((jnp.zeros(q.shape, q.dtype),
+               jnp.zeros((batch, num_kv_heads, group, q_padded),
+                         jnp.float32))))
   return out, lse
 
 
@@ -279,6 +295,7 @@ def _attention_bwd(config, residuals, d_out):
   """Flash backward: per block, probabilities from the saved logsumexp."""
   q, k, v, mask, q_ids, kv_ids, first, end, out, lse = residuals
   bq, bkv = config.block_q, config.block_kv
+  varying = _varying_like(q, k, v, mask, q_ids, kv_ids, d_out)
   # [B, K, G, Tp]: the row sums of d_out * out, i.e. sum_j p_ij dp_ij.
   delta = jnp.moveaxis(jnp.sum(d_out.astype(jnp.float32) *
                                out.astype(jnp.float32), axis=-1), 1, 3)
@@ -315,14 +332,15 @@ def _attention_bwd(config, residuals, d_out):
 
     dq_block, dk, dv = jax.lax.fori_loop(
         first[i], end[i], kv_step,
-        (jnp.zeros(q_block.shape, jnp.float32), dk, dv))
+        (varying(jnp.zeros(q_block.shape, jnp.float32)), dk, dv))
     dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_block, i * bq, axis=1)
     return dq, dk, dv
 
   dq, dk, dv = jax.lax.fori_loop(
       0, q.shape[1] // bq, q_step,
-      (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32),
-       jnp.zeros(v.shape, jnp.float32)))
+      varying((jnp.zeros(q.shape, jnp.float32),
+               jnp.zeros(k.shape, jnp.float32),
+               jnp.zeros(v.shape, jnp.float32))))
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
           None, None, None, None, None)
 
