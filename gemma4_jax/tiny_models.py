@@ -124,6 +124,39 @@ def apply_lora(model: gemma4_lib.Gemma4, *, rank: int = 4,
   return lora_model
 
 
+def float64_copy(model: gemma4_lib.Gemma4, *, alpha: float = 8.0,
+                 module_path: str = LORA_MODULE_PATH) -> gemma4_lib.Gemma4:
+  """`model` (with its qwix LoRA, if any) in float64, same weights.
+
+  The float64 run is the yardstick for model-level comparisons
+  (`gemma4_jax.testing.assert_model_close`). Call and run it inside
+  `with jax.enable_x64(True):`, or float64 silently becomes float32.
+
+  Args:
+    model: a Tunix Gemma 4, optionally with qwix LoRA from `apply_lora`.
+    alpha, module_path: what `apply_lora` was given (qwix keeps them in its
+      provider, not in the model); the rank is read from the weights.
+  """
+  config = dataclasses.replace(model.config, dtype=jnp.float64,
+                               param_dtype=jnp.float64)
+  to64 = lambda state: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64),
+                                    state)
+  graphdef, _ = nnx.split(nnx.eval_shape(
+      lambda: gemma4_lib.Gemma4(config, rngs=nnx.Rngs(0))))
+  base = nnx.merge(graphdef, to64(nnx.state(
+      model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))))
+  lora = nnx.state(model, nnx.LoRAParam)
+  paths_leaves = jax.tree_util.tree_flatten_with_path(lora)[0]
+  if not paths_leaves:
+    return base
+  rank = next(leaf.shape[0] for path, leaf in paths_leaves
+              if "lora_b" in jax.tree_util.keystr(path))
+  copy = apply_lora(base, rank=rank, alpha=alpha, module_path=module_path,
+                    seed=None)
+  nnx.update(copy, to64(lora))
+  return copy
+
+
 def synthetic_batches(num_batches: int, *, batch_size: int, seq_len: int,
                       vocab_size: int, padding: Padding = "none",
                       seed: int = 0) -> list[peft_trainer.TrainingInput]:

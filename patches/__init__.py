@@ -55,7 +55,8 @@ _NO_PATCH_YET = "gemma4_jax has no patch for this feature yet"
 
 
 def apply(*, attention: bool = True, ple: bool = True, lora: bool = True,
-          loss: bool = True, implementation: str | None = None) -> PatchReport:
+          loss: bool = True, implementation: str | None = None,
+          interpret: bool = False) -> PatchReport:
   """Patches the enabled features; the patched set becomes exactly these.
 
   Args:
@@ -66,21 +67,25 @@ def apply(*, attention: bool = True, ple: bool = True, lora: bool = True,
     implementation: passed to every op the patches call: None (Pallas on
       TPU, XLA elsewhere, `GEMMA4_JAX_IMPLEMENTATION` overrides), "xla",
       "reference" or "pallas_tpu".
+    interpret: run Pallas kernels in interpret mode, so that
+      `implementation="pallas_tpu"` runs on CPU (for tests; slow).
 
   Returns:
     A `PatchReport` (one entry per flag, versions, implementation).
 
   Raises:
-    TypeError: a flag is not a bool or `implementation` not a str or None.
+    TypeError: a flag or `interpret` is not a bool, or `implementation` not a
+      str or None.
     ValueError: `implementation` is not a known name or the op lacks it.
     RuntimeError: `implementation` names one that cannot run here.
     TargetChangedError: a target changed; nothing was patched.
   """
   flags = {"attention": attention, "ple": ple, "lora": lora, "loss": loss}
-  for name, value in flags.items():
+  for name, value in {**flags, "interpret": interpret}.items():
     if not isinstance(value, bool):
       raise TypeError(f"{name} must be a bool, got {value!r}")
-  resolved = _resolve_implementation(implementation)
+  resolved = _resolve_implementation(implementation, interpret)
+  options = _framework.OpOptions(implementation, interpret)
   with _framework.LOCK:
     plan, reports = [], []
     for feature, enabled in flags.items():
@@ -99,12 +104,12 @@ def apply(*, attention: bool = True, ple: bool = True, lora: bool = True,
             feature, target.name, _framework.PATCHED,
             f"{target.distribution} {version}"
             f"{'' if known else ', untested version'}"))
-    _framework.install(tuple(plan), implementation)
+    _framework.install(tuple(plan), options)
   return PatchReport(
       targets=tuple(reports), implementation=implementation,
       resolved_implementation=resolved,
       tunix_version=_framework.installed_version("google-tunix"),
-      qwix_version=_framework.installed_version("qwix"))
+      qwix_version=_framework.installed_version("qwix"), interpret=interpret)
 
 
 def revert() -> tuple[str, ...]:
@@ -118,7 +123,8 @@ def revert() -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def applied(*, attention: bool = True, ple: bool = True, lora: bool = True,
-            loss: bool = True, implementation: str | None = None):
+            loss: bool = True, implementation: str | None = None,
+            interpret: bool = False):
   """`apply(...)` for the duration of a `with` block; yields the report.
 
   On exit, normal or by exception, the patches in place before the block are
@@ -127,7 +133,7 @@ def applied(*, attention: bool = True, ple: bool = True, lora: bool = True,
   with _framework.LOCK:
     before = _framework.active()
   report = apply(attention=attention, ple=ple, lora=lora, loss=loss,
-                 implementation=implementation)
+                 implementation=implementation, interpret=interpret)
   try:
     yield report
   finally:
@@ -163,16 +169,17 @@ def status() -> Status:
                    if target else None),
           version_known=known, reason=reason))
     implementation = next(
-        (a.implementation for a in in_place.values()), None)
+        (a.options.implementation for a in in_place.values()), None)
   return Status(targets=tuple(rows), implementation=implementation,
                 tunix_version=_framework.installed_version("google-tunix"),
                 qwix_version=_framework.installed_version("qwix"))
 
 
-def _resolve_implementation(implementation) -> str:
+def _resolve_implementation(implementation, interpret: bool) -> str:
   if implementation is not None and not isinstance(implementation, str):
     raise TypeError(f"implementation must be a str or None, got "
                     f"{type(implementation).__name__}")
   # The attention patch is the only op user so far.
   return implementations.resolve("attention", implementation,
-                                 ops.AVAILABLE["attention"])
+                                 ops.AVAILABLE["attention"],
+                                 interpret=interpret)

@@ -25,6 +25,26 @@ NOT_AVAILABLE = "not available"
 LOCK = threading.Lock()
 
 
+@dataclasses.dataclass(frozen=True)
+class OpOptions:
+  """How the patched code calls `gemma4_jax.ops`: what `apply()` was given.
+
+  Attributes:
+    implementation: None (the platform default), "pallas_tpu", "xla" or
+      "reference".
+    interpret: run Pallas kernels in interpret mode (CPU tests of a patched
+      model with `implementation="pallas_tpu"`).
+  """
+  implementation: str | None = None
+  interpret: bool = False
+
+  @property
+  def op_kwargs(self) -> dict:
+    """Keyword arguments for any `gemma4_jax.ops` call."""
+    return {"implementation": self.implementation,
+            "interpret": self.interpret}
+
+
 class TargetChangedError(RuntimeError):
   """The installed library no longer has what a patch relies on."""
 
@@ -60,7 +80,7 @@ class Target:
     known_to_work: for error messages, every version/layout the feature
       supports ("google-tunix 0.1.7 (tunix.models.gemma4.model)").
     requirements: what `make_replacement` relies on.
-    make_replacement: `(original, implementation) -> replacement`.
+    make_replacement: `(original, options: OpOptions) -> replacement`.
   """
   feature: str
   module: str
@@ -69,7 +89,7 @@ class Target:
   known_versions: tuple[str, ...]
   known_to_work: str
   requirements: tuple[Requirement, ...]
-  make_replacement: Callable[[Callable, str | None], Callable]
+  make_replacement: Callable[[Callable, OpOptions], Callable]
 
   @property
   def name(self) -> str:
@@ -105,6 +125,7 @@ class PatchReport:
   resolved_implementation: str
   tunix_version: str | None
   qwix_version: str | None
+  interpret: bool = False
 
   @property
   def patched(self) -> tuple[str, ...]:
@@ -114,7 +135,8 @@ class PatchReport:
   def __str__(self) -> str:
     lines = [f"gemma4_jax.patches (google-tunix {self.tunix_version}, qwix "
              f"{self.qwix_version}, implementation {self.implementation!r} "
-             f"-> {self.resolved_implementation!r}):"]
+             f"-> {self.resolved_implementation!r}"
+             f"{', interpret mode' if self.interpret else ''}):"]
     for t in self.targets:
       lines.append(f"  {t.feature:<10} {t.state:<14} {t.target or '-'}"
                    f"{'  (' + t.reason + ')' if t.reason else ''}")
@@ -246,7 +268,7 @@ class _Active:
   original: object
   had_own: bool  # the owner defined the attribute itself (not inherited)
   replacement: Callable
-  implementation: str | None
+  options: OpOptions
 
 
 # target name -> the patch in place. Guarded by LOCK.
@@ -270,16 +292,16 @@ def _locate(target: Target) -> tuple[object, str]:
   return owner, name
 
 
-def install(targets: tuple[Target, ...], implementation: str | None) -> None:
+def install(targets: tuple[Target, ...], options: OpOptions) -> None:
   """Makes the active patches exactly `targets` (call with LOCK held).
 
-  Already in place with the same implementation: nothing changes. Otherwise
+  Already in place with the same options: nothing changes. Otherwise
   every active patch is restored and each target patched in turn; if any step
   fails, the state from before the call is put back and the error re-raised.
   """
   current = active()
   if ({a.target.name for a in current} == {t.name for t in targets} and
-      all(a.implementation == implementation for a in current) and
+      all(a.options == options for a in current) and
       len(current) == len(_ACTIVE)):
     return
   try:
@@ -288,10 +310,10 @@ def install(targets: tuple[Target, ...], implementation: str | None) -> None:
       owner, name = _locate(target)
       had_own = name in vars(owner)
       original = vars(owner)[name] if had_own else getattr(owner, name)
-      replacement = target.make_replacement(original, implementation)
+      replacement = target.make_replacement(original, options)
       setattr(owner, name, replacement)
       _ACTIVE[target.name] = _Active(target, owner, name, original, had_own,
-                                     replacement, implementation)
+                                     replacement, options)
   except BaseException:
     reinstate(current)
     raise

@@ -120,10 +120,9 @@ def target() -> _framework.Target:
         for field in ("act_btnh", "act_btd")),
   )
 
-  def make_replacement(original, implementation):
+  def make_replacement(original, options):
     return _make_block(original, importlib.import_module(layout.module),
-                       implementation,
-                       takes_segment_ids=layout.takes_segment_ids)
+                       options, takes_segment_ids=layout.takes_segment_ids)
 
   return _framework.Target(
       feature=FEATURE, module=layout.module, attribute="Attention.block",
@@ -132,7 +131,7 @@ def target() -> _framework.Target:
       make_replacement=make_replacement)
 
 
-def _make_block(original: Callable, module, implementation: str | None, *,
+def _make_block(original: Callable, module, options: _framework.OpOptions, *,
                 takes_segment_ids: bool) -> Callable:
   """`Attention.block` with the same parameters as `original`."""
   tunix = _TunixFunctions(apply_rope=module.apply_rope, shard=module.shard,
@@ -150,14 +149,14 @@ def _make_block(original: Callable, module, implementation: str | None, *,
                         kv_shared_cache=kv_shared_cache,
                         segment_ids=segment_ids)
       return _block(self, x, segment_pos, cache, attn_mask, kv_shared_cache,
-                    segment_ids, tunix=tunix, implementation=implementation)
+                    segment_ids, tunix=tunix, options=options)
   else:
     def block(self, x, segment_pos, cache, attn_mask, kv_shared_cache=None):
       if is_decode(x, cache, kv_shared_cache):
         return original(self, x, segment_pos, cache, attn_mask,
                         kv_shared_cache=kv_shared_cache)
       return _block(self, x, segment_pos, cache, attn_mask, kv_shared_cache,
-                    None, tunix=tunix, implementation=implementation)
+                    None, tunix=tunix, options=options)
 
   return _framework.wraps(
       original, block,
@@ -173,7 +172,8 @@ class _TunixFunctions:
 
 
 def _block(self, x, segment_pos, cache, attn_mask, kv_shared_cache,
-           segment_ids, *, tunix: _TunixFunctions, implementation):
+           segment_ids, *, tunix: _TunixFunctions,
+           options: _framework.OpOptions):
   """Tunix's block with attention from `ops.attention` (not for decode)."""
   config = self.config
   act_btnh = config.shd_config.act_btnh
@@ -209,7 +209,7 @@ def _block(self, x, segment_pos, cache, attn_mask, kv_shared_cache,
                                config.use_sliding_window_kv_cache)
 
   encoded = _attention(self, query, key, value, attn_mask, segment_ids,
-                       local=tunix.local, implementation=implementation)
+                       local=tunix.local, options=options)
   output = tunix.shard(self.attn_vec_einsum(encoded), config.shd_config.act_btd)
   return new_cache, output, (key, value)
 
@@ -230,7 +230,7 @@ def _prefill_cache(cache, key, value, sliding_window_kv_cache: bool):
 
 
 def _attention(self, query, key, value, attn_mask, segment_ids, *, local,
-               implementation):
+               options: _framework.OpOptions):
   """Tunix's prefill masking, any mask rank, through `ops.attention`."""
   if attn_mask is None:
     raise ValueError("Attention.block: attn_mask is required (a boolean "
@@ -258,4 +258,4 @@ def _attention(self, query, key, value, attn_mask, segment_ids, *, local,
       query.astype(dtype), key.astype(dtype), value.astype(dtype), mask=mask,
       segment_ids=segment_ids, causal=False, sliding_window=window,
       scale=1.0,  # queries and keys are RMS-normed; Gemma 4 has no 1/sqrt(H)
-      implementation=implementation)
+      **options.op_kwargs)

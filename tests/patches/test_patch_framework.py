@@ -176,7 +176,7 @@ def test_untested_version_warns_and_patches(monkeypatch):
 def test_failure_while_patching_rolls_back_everything():
   """A second target whose replacement cannot be built: the first one, already
   patched, is restored, and the patches from before the call come back."""
-  def broken(original, implementation):
+  def broken(original, options):
     raise RuntimeError("cannot build the replacement")
   attention = tunix_attention.target()
   second = _framework.Target(
@@ -191,7 +191,7 @@ def test_failure_while_patching_rolls_back_everything():
       patches.apply(implementation=before)
     in_place = gemma4_lib.Attention.block
     with _framework.LOCK, pytest.raises(RuntimeError, match="cannot build"):
-      _framework.install((attention, second), "xla")
+      _framework.install((attention, second), _framework.OpOptions("xla"))
     assert gemma4_lib.Attention.block is in_place
     assert gemma4_lib.FeedForward.__dict__["block"] is ffw_block
     assert patches.status().targets[0].patched == (before is not None)
@@ -203,6 +203,7 @@ def test_failure_while_patching_rolls_back_everything():
     (dict(implementation=3), TypeError, "implementation must be a str"),
     (dict(attention="yes"), TypeError, "attention must be a bool"),
     (dict(loss=None), TypeError, "loss must be a bool"),
+    (dict(interpret=1), TypeError, "interpret must be a bool"),
 ])
 def test_bad_arguments(kwargs, error, match):
   with pytest.raises(error, match=match):
