@@ -296,16 +296,17 @@ def _attention_bwd(config, residuals, d_out):
   q, k, v, mask, q_ids, kv_ids, first, end, out, lse = residuals
   bq, bkv = config.block_q, config.block_kv
   varying = _varying_like(q, k, v, mask, q_ids, kv_ids, d_out)
-  # [B, K, G, Tp]: the row sums of d_out * out, i.e. sum_j p_ij dp_ij.
-  delta = jnp.moveaxis(jnp.sum(d_out.astype(jnp.float32) *
-                               out.astype(jnp.float32), axis=-1), 1, 3)
 
   def q_step(i, carry):
     dq, dk, dv = carry
     q_block = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, axis=1)
     do_block = jax.lax.dynamic_slice_in_dim(d_out, i * bq, bq, axis=1)
     lse_block = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=3)
-    delta_block = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=3)
+    # [B, K, G, block_q]: the row sums of d_out * out, i.e. sum_j p_ij dp_ij;
+    # per block, so no full-length float32 copy of out or d_out is made.
+    delta_block = jnp.moveaxis(jnp.sum(
+        do_block.astype(jnp.float32) * jax.lax.dynamic_slice_in_dim(
+            out, i * bq, bq, axis=1).astype(jnp.float32), axis=-1), 1, 3)
 
     def kv_step(j, state):
       dq_block, dk, dv = state
@@ -333,15 +334,18 @@ def _attention_bwd(config, residuals, d_out):
     dq_block, dk, dv = jax.lax.fori_loop(
         first[i], end[i], kv_step,
         (varying(jnp.zeros(q_block.shape, jnp.float32)), dk, dv))
-    dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_block, i * bq, axis=1)
+    dq = jax.lax.dynamic_update_slice_in_dim(dq, dq_block.astype(dq.dtype),
+                                             i * bq, axis=1)
     return dq, dk, dv
 
+  # dq is final per query block, so it is kept in q's dtype; dk and dv
+  # accumulate over query blocks in float32.
   dq, dk, dv = jax.lax.fori_loop(
       0, q.shape[1] // bq, q_step,
-      varying((jnp.zeros(q.shape, jnp.float32),
+      varying((jnp.zeros(q.shape, q.dtype),
                jnp.zeros(k.shape, jnp.float32),
                jnp.zeros(v.shape, jnp.float32))))
-  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+  return (dq, dk.astype(k.dtype), dv.astype(v.dtype),
           None, None, None, None, None)
 
 
