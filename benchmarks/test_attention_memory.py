@@ -126,5 +126,5 @@ def test_step_time_forward_backward(benchmark, layer, seq_len,
   args = _inputs(seq_len, head_dim)
   jax.block_until_ready(grad(*args))  # compile and warm up
   benchmark.group = f"{layer} T={seq_len}"
-  benchmark.pedantic(lambda: jax.block_until_ready(grad(*args)), rounds=3,
+  benchmark.pedantic(lambda: jax.block_until_ready(grad(*args)), rounds=2,
                      iterations=1)

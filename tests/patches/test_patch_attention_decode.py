@@ -7,6 +7,8 @@ jit caches a trace per function, not per patch state: each jitted function
 (and each Sampler, which jits its own) is built for the one state it runs in.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,7 +146,6 @@ def test_decode_step_every_mask_rank_matches_stock(model):
       "[B,1,1,S]": lambda m: m[:, None],
       "[B,N,1,S]": lambda m: jnp.broadcast_to(
           m[:, None], (m.shape[0], num_heads) + m.shape[1:]),
-      "int [B,1,S]": lambda m: m.astype(jnp.int32),
   }
   for name, form in forms.items():
     with patches.applied():
@@ -152,10 +153,26 @@ def test_decode_step_every_mask_rank_matches_stock(model):
                                mask_form=form, **kwargs)
     testing.assert_model_close(patched, stock, stock64,
                                name=f"decode logits, mask {name}")
+  # A full-length cache on local layers (no ring buffer): the patch windows
+  # the mask at its last visible position, as Tunix's
+  # create_sliding_window_mask means to, and gives the same logits.
+  with patches.applied():
+    patched = _decode_logits(_with_full_length_cache(model), tokens,
+                             input_mask, fed, **kwargs)
+  testing.assert_model_close(patched, stock, stock64,
+                             name="decode logits, full-length local cache")
   # Stock decode cannot take a rank-4 mask at all.
   with pytest.raises(ValueError):
     _decode_logits(model, tokens, input_mask, fed[:1],
                    mask_form=forms["[B,1,1,S]"], **kwargs)
+
+
+def _with_full_length_cache(model):
+  """`model`'s weights with `use_sliding_window_kv_cache=False`."""
+  config = dataclasses.replace(model.config,
+                               use_sliding_window_kv_cache=False)
+  abstract = nnx.eval_shape(lambda: type(model)(config, rngs=nnx.Rngs(0)))
+  return nnx.merge(nnx.graphdef(abstract), nnx.state(model))
 
 
 def test_decode_rank2_mask_on_an_unpadded_batch(model):
