@@ -234,7 +234,9 @@ def _decode_cache(cache, key, value):
   """Tunix's decode update: the new token at `end_index[0] % cache_len` (one
   index for the whole batch, as Tunix does; a ring buffer when the cache is
   shorter than the sequence)."""
-  slot = (0, cache["end_index"][0] % cache["v"].shape[1], 0, 0)
+  # Indices of one dtype (Tunix's Python 0s become int64 under x64).
+  zero = jnp.zeros((), cache["end_index"].dtype)
+  slot = (zero, cache["end_index"][0] % cache["v"].shape[1], zero, zero)
   return {"v": jax.lax.dynamic_update_slice(cache["v"], value, slot),
           "k": jax.lax.dynamic_update_slice(cache["k"], key, slot),
           "end_index": cache["end_index"] + 1}

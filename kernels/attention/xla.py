@@ -181,9 +181,12 @@ def _visible(config: _Config, mask, q_ids, kv_ids, i, j):
   visible = visible[None, None, None]
   if mask is not None:
     rows = 1 if mask.shape[3] == 1 else bq
-    visible &= jax.lax.dynamic_slice(
-        mask, (0, 0, 0, 0 if rows == 1 else i * bq, j * bkv),
-        mask.shape[:3] + (rows, bkv))
+    # One index dtype: under x64 the loop counters may be int64 and int32.
+    starts = [jnp.int32(0)] * 3 + [jnp.asarray(0 if rows == 1 else i * bq,
+                                               jnp.int32),
+                                   jnp.asarray(j * bkv, jnp.int32)]
+    visible &= jax.lax.dynamic_slice(mask, starts,
+                                     mask.shape[:3] + (rows, bkv))
   if q_ids is not None:
     q_block = jax.lax.dynamic_slice_in_dim(q_ids, i * bq, bq, axis=1)
     kv_block = jax.lax.dynamic_slice_in_dim(kv_ids, j * bkv, bkv, axis=1)
