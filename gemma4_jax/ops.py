@@ -7,6 +7,8 @@ env var `GEMMA4_JAX_IMPLEMENTATION` overrides the default); `"pallas_tpu"`,
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +16,7 @@ import numpy as np
 from gemma4_jax import implementations
 from gemma4_jax import masks
 from gemma4_jax.kernels.attention import pallas_tpu as attention_pallas_tpu
+from gemma4_jax.kernels.attention import sharding as attention_sharding
 from gemma4_jax.kernels.attention import xla as attention_xla
 from gemma4_jax.kernels.lora import common as lora_common
 from gemma4_jax.kernels.lora import einsum as lora_einsum_lib
@@ -74,7 +77,9 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
     interpret: run a Pallas kernel in interpret mode (CPU).
 
   Returns:
-    `[B, T, N, H]` in q's dtype. A query with no visible key gives 0.
+    `[B, T, N, H]` in q's dtype. A query with no visible key gives 0. Under
+    a mesh with Tunix's axes (`jax.set_mesh` or `with mesh:`), batch over
+    `fsdp` and query heads over `tp` (see `kernels.attention.sharding`).
 
   Raises:
     ValueError / TypeError: naming the argument and expected vs actual.
@@ -87,9 +92,12 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
   # Only the Pallas kernel has an interpret mode.
   extra = ({"interpret": interpret} if name == implementations.PALLAS_TPU
            else {})
-  return _ATTENTION[name](q, k, v, mask=mask, segment_ids=segment_ids,
-                          causal=causal, sliding_window=sliding_window,
-                          softcap=softcap, scale=scale, **extra)
+  run = functools.partial(_ATTENTION[name], causal=causal,
+                          sliding_window=sliding_window, softcap=softcap,
+                          scale=scale, **extra)
+  # Under a ('fsdp', 'tp') mesh each shard runs `run` in shard_map.
+  return attention_sharding.attention(run, q, k, v, mask=mask,
+                                      segment_ids=segment_ids)
 
 
 def _check_attention_args(q, k, v, *, mask, segment_ids, sliding_window,

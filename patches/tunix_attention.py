@@ -1,16 +1,17 @@
 """Tunix Gemma 4 attention through `gemma4_jax.ops.attention`.
 
-Replaces `Attention.block`. Prefill and the no-cache path (every training
-step) compute attention with `ops.attention(..., scale=1.0)`; decode steps
-(one token with a KV cache or a shared KV cache) run Tunix's own block.
-Everything around the attention (projections, QK and V norms, RoPE, the cache
+Replaces `Attention.block`. Prefill, the no-cache path (every training step)
+and decode (one token against the KV cache or a shared KV cache, including
+the sliding-window ring buffer) compute attention with
+`ops.attention(..., scale=1.0)`. Everything around the attention (projections, QK and V norms, RoPE, the cache
 update, the output projection, the sharding constraints) is Tunix's code,
 restated here because Tunix's block is a single function; the tests check it
 against the original numerically.
 
 What changes against Tunix:
-- the mask may have rank 2, 3 or 4 (Tunix's `expand_dims(attn_mask, -2)`
-  breaks on rank 4);
+- the mask may have rank 2, 3 or 4, in prefill and in decode (Tunix's
+  `expand_dims(attn_mask, -2)` breaks on rank 4, its decode window code
+  wants `[B, 1, S]`);
 - `use_flash_attention=True` honours the mask (Tunix's splash path attends
   padding) and takes any sequence length (splash needs multiples of 1024);
 - a query with no visible key (left padding) gives 0 instead of the mean of
@@ -20,9 +21,10 @@ Two layouts are supported, told apart by which module exists: google-tunix
 0.1.7 (`tunix.models.gemma4.model`) and Tunix main, whose attention lives in
 `tunix.models.gemma4.attention` and whose `block` also takes `segment_ids`.
 Given `segment_ids`, a query sees only keys of its own segment, as in Tunix
-main's flash path (its dense path ignores them). Tunix main cannot be
-installed from PyPI; the tests run this patch against its copy at commit
-c7d8950f (`../shared/tunix-main`, tests/tunix_main/).
+main's flash path (its dense path ignores them); decode ignores them, as
+Tunix does (the cache keeps no segment ids). Tunix main cannot be installed
+from PyPI; the tests run this patch against its copy at commit c7d8950f
+(`../shared/tunix-main`, tests/tunix_main/).
 """
 
 from __future__ import annotations
@@ -143,31 +145,20 @@ def _make_block(original: Callable, module, options: _framework.OpOptions, *,
   tunix = _TunixFunctions(apply_rope=module.apply_rope, shard=module.shard,
                           local=module.AttentionType.LOCAL_SLIDING)
 
-  def is_decode(x, cache, kv_shared_cache):
-    return x.shape[1] == 1 and (cache is not None or
-                                kv_shared_cache is not None)
-
   if takes_segment_ids:
     def block(self, x, segment_pos, cache, attn_mask, kv_shared_cache=None,
               segment_ids=None):
-      if is_decode(x, cache, kv_shared_cache):
-        return original(self, x, segment_pos, cache, attn_mask,
-                        kv_shared_cache=kv_shared_cache,
-                        segment_ids=segment_ids)
       return _block(self, x, segment_pos, cache, attn_mask, kv_shared_cache,
                     segment_ids, tunix=tunix, options=options)
   else:
     def block(self, x, segment_pos, cache, attn_mask, kv_shared_cache=None):
-      if is_decode(x, cache, kv_shared_cache):
-        return original(self, x, segment_pos, cache, attn_mask,
-                        kv_shared_cache=kv_shared_cache)
       return _block(self, x, segment_pos, cache, attn_mask, kv_shared_cache,
                     None, tunix=tunix, options=options)
 
   return _framework.wraps(
       original, block,
       note="Tunix Gemma 4 attention block, patched by gemma4_jax.patches: "
-      "prefill and no-cache attention run gemma4_jax.ops.attention.")
+      "prefill, decode and no-cache attention run gemma4_jax.ops.attention.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,7 +171,7 @@ class _TunixFunctions:
 def _block(self, x, segment_pos, cache, attn_mask, kv_shared_cache,
            segment_ids, *, tunix: _TunixFunctions,
            options: _framework.OpOptions):
-  """Tunix's block with attention from `ops.attention` (not for decode)."""
+  """Tunix's block with attention from `ops.attention`."""
   config = self.config
   act_btnh = config.shd_config.act_btnh
 
@@ -208,14 +199,24 @@ def _block(self, x, segment_pos, cache, attn_mask, kv_shared_cache,
         jnp.mean(jnp.square(value), axis=-1, keepdims=True) + 1e-06)
     key = rope(self._key_norm(key))
 
+  decode = x.shape[1] == 1 and (cache is not None or
+                                kv_shared_cache is not None)
   if cache is None:
     new_cache = {"v": value, "k": key}
+  elif decode:
+    new_cache = _decode_cache(cache, key, value)
+    key, value = new_cache["k"], new_cache["v"]  # attend the whole cache
   else:
     new_cache = _prefill_cache(cache, key, value,
                                config.use_sliding_window_kv_cache)
 
-  encoded = _attention(self, query, key, value, attn_mask, segment_ids,
-                       local=tunix.local, options=options)
+  if decode:
+    encoded = _decode_attention(self, query, key, value, attn_mask, cache,
+                                kv_shared_cache, local=tunix.local,
+                                options=options)
+  else:
+    encoded = _attention(self, query, key, value, attn_mask, segment_ids,
+                         local=tunix.local, options=options)
   output = tunix.shard(self.attn_vec_einsum(encoded), config.shd_config.act_btd)
   return new_cache, output, (key, value)
 
@@ -235,26 +236,84 @@ def _prefill_cache(cache, key, value, sliding_window_kv_cache: bool):
           "end_index": cache["end_index"] + seq_len}
 
 
-def _attention(self, query, key, value, attn_mask, segment_ids, *, local,
-               options: _framework.OpOptions):
-  """Tunix's prefill masking, any mask rank, through `ops.attention`."""
+def _decode_cache(cache, key, value):
+  """Tunix's decode update: the new token at `end_index[0] % cache_len` (one
+  index for the whole batch, as Tunix does; a ring buffer when the cache is
+  shorter than the sequence)."""
+  # Indices of one dtype (Tunix's Python 0s become int64 under x64).
+  zero = jnp.zeros((), cache["end_index"].dtype)
+  slot = (zero, cache["end_index"][0] % cache["v"].shape[1], zero, zero)
+  return {"v": jax.lax.dynamic_update_slice(cache["v"], value, slot),
+          "k": jax.lax.dynamic_update_slice(cache["k"], key, slot),
+          "end_index": cache["end_index"] + 1}
+
+
+def _boolean_mask(attn_mask):
   if attn_mask is None:
     raise ValueError("Attention.block: attn_mask is required (a boolean "
                      "[T,S], [B,T,S], [B,1,T,S] or [B,N,T,S] mask)")
+  mask = jnp.asarray(attn_mask)
+  return mask if mask.dtype == jnp.bool_ else mask != 0  # nonzero attends
+
+
+def _sliding_window(self) -> int:
+  window = self.config.sliding_window_size
+  if window is None:
+    raise ValueError("Attention.block: a LOCAL_SLIDING layer needs "
+                     "config.sliding_window_size, got None")
+  return window
+
+
+def _decode_attention(self, query, key, value, attn_mask, cache,
+                      kv_shared_cache, *, local, options: _framework.OpOptions):
+  """One query against the KV cache, with Tunix's decode masking, any rank.
+
+  `attn_mask` covers logical positions `[.., 1, cache_size]`. On local
+  layers with the sliding-window (ring buffer) cache, each physical slot is
+  mapped to the logical position it holds and slots not written yet are
+  masked; with a full-length cache, the window ends at the mask's last
+  visible position. Global layers use the mask as it is.
+  """
+  batch, _, num_heads, _ = query.shape
+  cache_len = key.shape[1]
+  mask = _boolean_mask(attn_mask)
+  mask = masks.canonical_mask(mask, batch=batch, num_heads=num_heads,
+                              q_len=1, kv_len=mask.shape[-1])
+  if self.attn_type == local:
+    window = _sliding_window(self)
+    if self.config.use_sliding_window_kv_cache:
+      active = cache if cache is not None else kv_shared_cache
+      end = active["end_index"]
+      if cache is None:  # the origin layer has already counted this token
+        end = end - 1
+      end = end[:, None, None, None]
+      logical = end - (end - jnp.arange(cache_len)) % cache_len
+      shape = (batch, mask.shape[1], 1, cache_len)
+      mask = jnp.take_along_axis(
+          jnp.broadcast_to(mask, (batch,) + mask.shape[1:]),
+          jnp.broadcast_to(jnp.maximum(logical, 0), shape), axis=-1)
+      mask = mask & (logical >= 0)  # slots not written yet
+    else:
+      positions = jnp.arange(mask.shape[-1])
+      last = jnp.max(jnp.where(mask, positions, 0), axis=-1, keepdims=True)
+      mask = mask & (positions > last - window) & (positions <= last)
+  dtype = jnp.result_type(query, key, value)
+  return ops.attention(
+      query.astype(dtype), key.astype(dtype), value.astype(dtype), mask=mask,
+      causal=False, scale=1.0, **options.op_kwargs)
+
+
+def _attention(self, query, key, value, attn_mask, segment_ids, *, local,
+               options: _framework.OpOptions):
+  """Tunix's prefill masking, any mask rank, through `ops.attention`."""
   batch, seq_len, num_heads, _ = query.shape
   kv_len = key.shape[1]
-  mask = jnp.asarray(attn_mask)
-  if mask.dtype != jnp.bool_:
-    mask = mask != 0  # Tunix attends wherever the mask is nonzero
-  mask = masks.canonical_mask(mask[..., :seq_len], batch=batch,
-                              num_heads=num_heads, q_len=seq_len,
-                              kv_len=kv_len)
+  mask = masks.canonical_mask(_boolean_mask(attn_mask)[..., :seq_len],
+                              batch=batch, num_heads=num_heads,
+                              q_len=seq_len, kv_len=kv_len)
   window = None
   if self.attn_type == local:
-    window = self.config.sliding_window_size
-    if window is None:
-      raise ValueError("Attention.block: a LOCAL_SLIDING layer needs "
-                       "config.sliding_window_size, got None")
+    window = _sliding_window(self)
     # Tunix's prefill band is two-sided, |i - j| < W; ops' window is the
     # lower side j > i - W, so the upper side goes into the mask.
     mask = mask & (jnp.arange(kv_len)[None, :] <
