@@ -66,6 +66,10 @@ def pytest_terminal_summary(terminalreporter):
       "vs stock (float32 against float64)"
       + (f"; closest to its bound: {worst[0]}: error {worst[1]:.3g}, bound "
          f"{worst[2]:.3g}" if worst else ""))
+  terminalreporter.write_line(
+      "gemma4_jax: patched: " + ", ".join(
+          t.feature for t in terminalreporter.config.gemma4_jax_report.targets
+          if t.state == "patched"))
   for test, why in _NOT_COMPARED:
     terminalreporter.write_line(f"gemma4_jax: not compared: {test}: {why}")
 
@@ -112,12 +116,21 @@ def _compare(model, args, kwargs, logits):
 
 @contextlib.contextmanager
 def _stock():
-  """Tunix as installed for the duration; the patches are back after."""
+  """Tunix as installed for the duration; the patches are back after.
+
+  `apply()` checks the code of `Gemma4.__call__` (the loss patch relies on
+  it), so it is re-applied with Tunix's own `__call__` in place.
+  """
+  from tunix.models.gemma4 import model as gemma4_lib  # pylint: disable=g-import-not-at-top
   patches.revert()
   try:
     yield
   finally:
-    patches.apply()
+    gemma4_lib.Gemma4.__call__ = _ORIGINAL_CALL
+    try:
+      patches.apply()
+    finally:
+      gemma4_lib.Gemma4.__call__ = _checked_call
 
 
 @contextlib.contextmanager
