@@ -241,9 +241,9 @@ def per_layer_inputs(embeddings, tokens, per_layer_table, model_projection,
         embeddings, tokens, per_layer_table, model_projection,
         projection_norm_scale, num_layers=num_layers,
         per_layer_dim=per_layer_dim)
-  _check_combine_args(embeddings, tokens, model_projection,
-                      projection_norm_scale, num_layers=num_layers,
-                      per_layer_dim=per_layer_dim)
+  ple_reference.check_combine_args(
+      embeddings, tokens, model_projection, projection_norm_scale,
+      num_layers=num_layers, per_layer_dim=per_layer_dim)
   rows = ple_lookup(per_layer_table, tokens, num_layers=num_layers,
                     per_layer_dim=per_layer_dim, mesh=mesh,
                     table_spec=table_spec, implementation=implementation,
@@ -316,29 +316,6 @@ def _check_ple_args(per_layer_table, tokens, *, num_layers, per_layer_dim,
                      f"and table_spec={table_spec!r}")
   if mesh is not None:
     ple_sharded.table_axes(table_spec, len(shape), mesh)
-
-
-def _check_combine_args(embeddings, tokens, model_projection,
-                        projection_norm_scale, *, num_layers, per_layer_dim):
-  if getattr(embeddings, "ndim", None) != 3:
-    raise ValueError(f"embeddings must be [B, T, D], got shape "
-                     f"{getattr(embeddings, 'shape', type(embeddings))}")
-  if not jnp.issubdtype(embeddings.dtype, jnp.floating):
-    raise TypeError(f"embeddings must be floating, got {embeddings.dtype}")
-  if embeddings.shape[:2] != tokens.shape:
-    raise ValueError(f"embeddings [B, T, D] and tokens [B, T] disagree: "
-                     f"{embeddings.shape} vs {tokens.shape}")
-  embed_dim = embeddings.shape[-1]
-  layouts = ((embed_dim, num_layers, per_layer_dim),
-             (embed_dim, num_layers * per_layer_dim))
-  if getattr(model_projection, "shape", None) not in layouts:
-    raise ValueError(f"model_projection must be [D, L, P] = {layouts[0]} or "
-                     f"[D, L*P] = {layouts[1]}, got shape "
-                     f"{getattr(model_projection, 'shape', None)}")
-  if getattr(projection_norm_scale, "shape", None) != (per_layer_dim,):
-    raise ValueError(f"projection_norm_scale must be [P] = "
-                     f"{(per_layer_dim,)}, got shape "
-                     f"{getattr(projection_norm_scale, 'shape', None)}")
 
 
 def lora_matmul(x, w, a, b, *, scale, adapter_ids=None, w_scale=None,

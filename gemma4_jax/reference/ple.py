@@ -64,6 +64,28 @@ def per_layer_inputs(embeddings, tokens, per_layer_table, model_projection,
   _check_table(per_layer_table, num_layers=num_layers,
                per_layer_dim=per_layer_dim)
   _check_tokens(tokens)
+  check_combine_args(embeddings, tokens, model_projection,
+                     projection_norm_scale, num_layers=num_layers,
+                     per_layer_dim=per_layer_dim)
+  embed_dim = embeddings.shape[-1]
+
+  x = embeddings.astype(jnp.float32)
+  w = model_projection.astype(jnp.float32).reshape(embed_dim, num_layers,
+                                                   per_layer_dim)
+  projected = jnp.einsum("btd,dlp->btlp", x, w * embed_dim ** -0.5,
+                         precision=HIGHEST)
+  variance = jnp.mean(jnp.square(projected), axis=-1, keepdims=True)
+  normed = (projected * jax.lax.rsqrt(variance + RMS_NORM_EPS)
+            * projection_norm_scale.astype(jnp.float32))
+  rows = _lookup(per_layer_table, tokens, num_layers, per_layer_dim)
+  rows = rows.astype(jnp.float32) * jnp.sqrt(jnp.float32(per_layer_dim))
+  return ((normed + rows) * 2.0 ** -0.5).astype(embeddings.dtype)
+
+
+def check_combine_args(embeddings, tokens, model_projection,
+                       projection_norm_scale, *, num_layers, per_layer_dim):
+  """Checks `per_layer_inputs`' arguments other than the table (shared with
+  `gemma4_jax.ops`); raises ValueError / TypeError naming the argument."""
   if getattr(embeddings, "ndim", None) != 3:
     raise ValueError(f"embeddings must be [B, T, D], got shape "
                      f"{getattr(embeddings, 'shape', type(embeddings))}")
@@ -83,18 +105,6 @@ def per_layer_inputs(embeddings, tokens, per_layer_table, model_projection,
     raise ValueError(f"projection_norm_scale must be [P] = "
                      f"{(per_layer_dim,)}, got shape "
                      f"{getattr(projection_norm_scale, 'shape', None)}")
-
-  x = embeddings.astype(jnp.float32)
-  w = model_projection.astype(jnp.float32).reshape(embed_dim, num_layers,
-                                                   per_layer_dim)
-  projected = jnp.einsum("btd,dlp->btlp", x, w * embed_dim ** -0.5,
-                         precision=HIGHEST)
-  variance = jnp.mean(jnp.square(projected), axis=-1, keepdims=True)
-  normed = (projected * jax.lax.rsqrt(variance + RMS_NORM_EPS)
-            * projection_norm_scale.astype(jnp.float32))
-  rows = _lookup(per_layer_table, tokens, num_layers, per_layer_dim)
-  rows = rows.astype(jnp.float32) * jnp.sqrt(jnp.float32(per_layer_dim))
-  return ((normed + rows) * 2.0 ** -0.5).astype(embeddings.dtype)
 
 
 def _lookup(per_layer_table, tokens, num_layers, per_layer_dim):
