@@ -198,6 +198,14 @@ class Status:
     return "\n".join(lines)
 
 
+def describe_known(distribution: str, layouts) -> str:
+  """`Target.known_to_work` text for a patch's layouts: each one's layout
+  name or versions, and its module."""
+  return "; ".join(
+      f"{layout.known_layout or distribution + ' ' + ', '.join(layout.known_versions)}"
+      f" ({layout.module})" for layout in layouts)
+
+
 def installed_version(distribution: str) -> str | None:
   try:
     return metadata.version(distribution)

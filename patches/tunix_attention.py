@@ -81,9 +81,7 @@ LAYOUTS = (
            takes_segment_ids=False, known_versions=("0.1.7",),
            description="google-tunix 0.1.7 (tunix.models.gemma4.model)"),
 )
-KNOWN_TO_WORK = "; ".join(
-    f"{layout.known_layout or DISTRIBUTION + ' ' + ', '.join(layout.known_versions)}"
-    f" ({layout.module})" for layout in LAYOUTS)
+KNOWN_TO_WORK = _framework.describe_known(DISTRIBUTION, LAYOUTS)
 
 
 def detect_layout() -> Layout:

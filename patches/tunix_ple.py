@@ -71,9 +71,7 @@ LAYOUTS = (
            known_versions=("0.1.7",),
            description="google-tunix 0.1.7 (model.py, [V, L, P] table)"),
 )
-KNOWN_TO_WORK = "; ".join(
-    f"{layout.known_layout or DISTRIBUTION + ' ' + ', '.join(layout.known_versions)}"
-    f" ({layout.module})" for layout in LAYOUTS)
+KNOWN_TO_WORK = _framework.describe_known(DISTRIBUTION, LAYOUTS)
 
 
 def detect_layout() -> Layout:
