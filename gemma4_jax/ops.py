@@ -319,7 +319,8 @@ def _check_ple_args(per_layer_table, tokens, *, num_layers, per_layer_dim,
 
 
 def lora_matmul(x, w, a, b, *, scale, adapter_ids=None, w_scale=None,
-                implementation=None, interpret=False):
+                mesh=None, w_axes=None, implementation=None,
+                interpret=False):
   """`x @ w + scale * (x @ a) @ b` with `w` frozen; one or many adapters.
 
   The Pallas kernel reads each `x` tile once for `w` and `a`, keeps `x @ a`
@@ -340,6 +341,11 @@ def lora_matmul(x, w, a, b, *, scale, adapter_ids=None, w_scale=None,
       reference implementation instead clamps the index).
     w_scale: `[N]` per-output-channel scales of an int8 `w` (QLoRA):
       `w_float = w * w_scale`.
+    mesh: optional mesh (e.g. Tunix's `('fsdp','tp')`): run per shard in
+      `jax.shard_map` (`kernels/lora/sharding.py`), rows over `fsdp`, with
+      `w_axes`; many adapters are kept whole on every shard.
+    w_axes: the mesh axis (or None) of `w`'s two dims, e.g. `("fsdp",
+      "tp")`.
     implementation: None, "pallas_tpu", "xla" or "reference" (see the module
       docstring).
     interpret: run the Pallas kernel in interpret mode (CPU).
@@ -363,18 +369,36 @@ def lora_matmul(x, w, a, b, *, scale, adapter_ids=None, w_scale=None,
   lead, (k, n) = x.shape[:-1], w.shape
   x2 = x.reshape(-1, k)
   ids = None if adapter_ids is None else adapter_ids.reshape(-1)
-  if name == implementations.REFERENCE:
-    if w_scale is not None:
-      w = w.astype(jnp.float32) * w_scale
-    out = lora_reference.lora_matmul(x2, w, a, b, scale=scale,
-                                     adapter_ids=ids)
-  elif name == implementations.XLA:
-    out = lora_xla.lora_matmul(x2, w, a, b, scale=scale, adapter_ids=ids,
-                               w_scale=w_scale)
+
+  def local(x2, w, a, b, w_scale, ids):
+    if w_scale is not None:  # [1, N] per shard (w's rank for the layout)
+      w_scale = w_scale.reshape(-1)
+    if name == implementations.REFERENCE:
+      if w_scale is not None:
+        w = w.astype(jnp.float32) * w_scale
+      return lora_reference.lora_matmul(x2, w, a, b, scale=scale,
+                                        adapter_ids=ids)
+    if name == implementations.XLA:
+      return lora_xla.lora_matmul(x2, w, a, b, scale=scale, adapter_ids=ids,
+                                  w_scale=w_scale)
+    return lora_pallas.lora_matmul(x2, w, a, b, scale=scale, adapter_ids=ids,
+                                   w_scale=w_scale, interpret=interpret)
+
+  if mesh is None:
+    out = local(x2, w, a, b, w_scale, ids)
   else:
-    out = lora_pallas.lora_matmul(x2, w, a, b, scale=scale, adapter_ids=ids,
-                                  w_scale=w_scale, interpret=interpret)
+    _check_w_axes("lora_matmul", w_axes, w.ndim)
+    out = lora_sharding.shard_einsum(
+        local, "mk,kn->mn", x2, w, a, b, mesh=mesh, w_axes=w_axes,
+        w_scale=None if w_scale is None else w_scale.reshape(1, n),
+        adapter_ids=ids)
   return out.reshape(*lead, n)
+
+
+def _check_w_axes(op_name, w_axes, ndim):
+  if w_axes is None or len(w_axes) > ndim:
+    raise ValueError(f"{op_name}: with a mesh, w_axes must name a mesh axis "
+                     f"or None for each of w's {ndim} dims, got {w_axes!r}")
 
 
 def lora_einsum(equation, x, w, lora_a, lora_b, *, scale, w_scale=None,
@@ -442,7 +466,8 @@ def lora_einsum(equation, x, w, lora_a, lora_b, *, scale, w_scale=None,
     raise TypeError(f"lora_einsum: the Pallas kernel takes float32 or "
                     f"bfloat16 x, got {x.dtype}")
 
-  def local(x, w, lora_a, lora_b, w_scale):
+  def local(x, w, lora_a, lora_b, w_scale, adapter_ids):
+    del adapter_ids  # lora_einsum runs one adapter
     if name == implementations.REFERENCE:
       if w_scale is not None:
         w = w.astype(jnp.float32) * w_scale
@@ -457,11 +482,8 @@ def lora_einsum(equation, x, w, lora_a, lora_b, *, scale, w_scale=None,
                                       interpret=interpret)
 
   if mesh is None:
-    return local(x, w, lora_a, lora_b, w_scale)
-  if w_axes is None or len(w_axes) > w.ndim:
-    raise ValueError(f"lora_einsum: with a mesh, w_axes must name a mesh "
-                     f"axis or None for each of w's {w.ndim} dims, got "
-                     f"{w_axes!r}")
+    return local(x, w, lora_a, lora_b, w_scale, None)
+  _check_w_axes("lora_einsum", w_axes, w.ndim)
   return lora_sharding.shard_einsum(local, equation, x, w, lora_a, lora_b,
                                     mesh=mesh, w_axes=w_axes,
                                     w_scale=w_scale)

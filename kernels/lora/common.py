@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NUM_LANES = 128
 
@@ -44,11 +45,12 @@ def check_adapter_ids_eagerly(adapter_ids, num: int) -> None:
   Under `jit` the ids are traced and cannot be checked; the kernels then
   give a row with an out-of-range id the frozen product only (no adapter).
   """
-  if isinstance(adapter_ids, jax.core.Tracer):
+  if isinstance(adapter_ids, jax.core.Tracer) or adapter_ids.size == 0:
     return
-  if adapter_ids.size == 0:
-    return
-  low, high = int(jnp.min(adapter_ids)), int(jnp.max(adapter_ids))
+  # numpy, not jnp: under jit a jnp reduction of concrete (closed-over) ids
+  # would be traced.
+  ids = np.asarray(adapter_ids)
+  low, high = int(ids.min()), int(ids.max())
   if low < 0 or high >= num:
     raise ValueError(f"adapter_ids must lie in [0, {num}) (a has {num} "
                      f"adapters), got values in [{low}, {high}]")

@@ -13,7 +13,9 @@ stand for):
 - a `tp`-sharded contracted dim splits `x`, `W` and `A` and ends in a
   `psum`: the base product and `x @ A` are both partial sums over the
   shards, and `(sum_i d_i) @ B = sum_i (d_i @ B)`, so summing each shard's
-  output is exact (the adapter row mask is per row, hence also linear).
+  output is exact (the adapter row mask is per row, hence also linear);
+- many adapters (`adapter_ids`): the adapter axis of `A`/`B` is replicated
+  and the ids are split like `x`'s rows.
 
 An axis that does not divide its dimension is left replicated.
 """
@@ -38,8 +40,9 @@ def current_mesh():
 
 
 def shard_einsum(local_fn, equation: str, x, w, lora_a, lora_b, *, mesh,
-                 w_axes, w_scale=None, batch_axis: str = BATCH_AXIS):
-  """Runs `local_fn(x, w, lora_a, lora_b, w_scale)` per shard of `mesh`.
+                 w_axes, w_scale=None, adapter_ids=None,
+                 batch_axis: str = BATCH_AXIS):
+  """Runs `local_fn(x, w, lora_a, lora_b, w_scale, adapter_ids)` per shard.
 
   Args:
     local_fn: the op on local blocks (same equation).
@@ -51,6 +54,8 @@ def shard_einsum(local_fn, equation: str, x, w, lora_a, lora_b, *, mesh,
       `('tp', 'fsdp', None)` for a `NDH` query weight.
     w_scale: optional per-channel scales of an int8 `w` (w's rank, size 1
       on the contracted axes), sharded like w's kept axes.
+    adapter_ids: optional ids over x's uncontracted axes; `lora_a` and
+      `lora_b` then have a leading adapter axis (kept whole on every shard).
     batch_axis: the data-parallel axis (gathered on weights, split on x).
 
   Returns:
@@ -78,14 +83,19 @@ def shard_einsum(local_fn, equation: str, x, w, lora_a, lora_b, *, mesh,
   a_axes = "".join(c for c in rhs if c in lhs)
   b_axes = "".join(c for c in rhs if c not in lhs)
 
-  def body(x, w, lora_a, lora_b, w_scale):
-    y = local_fn(x, w, lora_a, lora_b, w_scale)
+  def body(x, w, lora_a, lora_b, w_scale, adapter_ids):
+    y = local_fn(x, w, lora_a, lora_b, w_scale, adapter_ids)
     return jax.lax.psum(y, tuple(psum_axes)) if psum_axes else y
 
   scale_spec = None if w_scale is None else P(
       *(None if c in lhs else axis_of.get(c) for c in rhs))
+  a_spec, b_spec = P(*spec(a_axes), None), P(None, *spec(b_axes))
+  ids_spec = None
+  if adapter_ids is not None:
+    a_spec, b_spec = P(None, *a_spec), P(None, *b_spec)
+    ids_spec = spec("".join(c for c in lhs if c not in rhs))
   return jax.shard_map(
       body, mesh=mesh,
-      in_specs=(spec(lhs), spec(rhs), P(*spec(a_axes), None),
-                P(None, *spec(b_axes)), scale_spec),
-      out_specs=spec(out), check_vma=False)(x, w, lora_a, lora_b, w_scale)
+      in_specs=(spec(lhs), spec(rhs), a_spec, b_spec, scale_spec, ids_spec),
+      out_specs=spec(out), check_vma=False)(x, w, lora_a, lora_b, w_scale,
+                                            adapter_ids)

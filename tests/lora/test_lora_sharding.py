@@ -67,3 +67,45 @@ def test_shard_map_splits_the_batch_and_sums_tp_contractions():
       implementation="xla")).lower(x).compile().as_text()
   assert "all-reduce" in text
   assert "f32[4,12]" in text  # x's local block: rows over fsdp, K over tp
+
+
+@pytest.mark.parametrize("implementation, interpret", [
+    ("xla", False), ("pallas_tpu", True)])
+@pytest.mark.parametrize("w_axes", [("fsdp", "tp"), ("tp", "fsdp")])
+def test_many_adapters_sharded_equals_unsharded(w_axes, implementation,
+                                                interpret):
+  # Rows over fsdp with their adapter ids; w (and each adapter) split over
+  # tp on the output (MLP gate/up) or the contraction (MLP down, psum).
+  rng = np.random.default_rng(1)
+  num, rank, (m, k, n) = 4, 4, (8, 16, 24)
+  x, a, b = (jnp.asarray(rng.standard_normal(s) * 0.3, jnp.float32)
+             for s in ((m, k), (num, k, rank), (num, rank, n)))
+  w = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
+  w_scale = jnp.asarray(rng.uniform(0.001, 0.01, n), jnp.float32)
+  ids = jnp.asarray([0, 2, 1, 2, 0, 0, 1, 2], jnp.int32)  # adapter 3 unused
+  mesh = testing.simulated_mesh()
+
+  def loss(x, a, b, mesh):
+    out = ops.lora_matmul(x, w, a, b, scale=SCALE, adapter_ids=ids,
+                          w_scale=w_scale, mesh=mesh,
+                          w_axes=w_axes if mesh else None,
+                          implementation=implementation, interpret=interpret)
+    return jnp.sum(jnp.sin(out)), out
+
+  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True),
+                 static_argnums=3)
+  (dx, da, db), out = grad(x, a, b, None)
+  (sdx, sda, sdb), sout = grad(x, a, b, mesh)
+  testing.assert_close(sout, out, name="out")
+  for name, got, want in (("dx", sdx, dx), ("da", sda, da), ("db", sdb, db)):
+    testing.assert_close(got, want, grad=True, name=name)
+  # An adapter gets a gradient from its own rows only.
+  assert np.all(np.any(np.asarray(sda)[:3] != 0, axis=(1, 2)))
+  assert not np.any(np.asarray(sda)[3]) and not np.any(np.asarray(sdb)[3])
+
+
+def test_mesh_needs_w_axes():
+  x, w, a, b = _operands("mk,kn->mn", (8, 16), (16, 24))
+  with pytest.raises(ValueError, match="w_axes must name a mesh axis"):
+    ops.lora_matmul(x, w, a, b, scale=SCALE,
+                    mesh=testing.simulated_mesh(), implementation="xla")

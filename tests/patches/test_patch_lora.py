@@ -113,11 +113,15 @@ def test_same_loss_and_lora_grads(lora_model, batch, stock, implementation,
                        interpret=interpret):
     patched = _loss_and_lora_grads(lora_model, batch)
   testing.assert_model_close(patched[0], stock[0], stock64[0], name="loss")
-  # The interpret-mode kernel's LoRA gradients measured up to ~8x stock's
-  # float32 error on some leaves (e.g. 3.9e-6 vs 4.9e-7 at magnitude 0.08;
-  # XLA: 0.5-2x), although op-level dA/dB match the float32 reference as
-  # closely as XLA's; the bound is widened for it, not for XLA.
-  multiple = 16.0 if interpret else testing.MODEL_ERROR_MULTIPLE
+  # Twice the rule's multiple for the interpret-mode kernel: it pads the
+  # rank to 128 lanes, and XLA:CPU sums the padded `dy @ B^T` ([M, N] x
+  # [N, 128]) in another order than the unpadded [N, r] dot, about 2 ulps
+  # per element instead of 1 (the nonzero columns differ; measured at op
+  # level, dA 1.7-3.9x stock's error over 6 seeds, XLA 1.0x). Through three
+  # layers that gives LoRA gradients up to 8x stock's (median 1.7x; a
+  # differently-rounded stock run, under SSE4_2, is itself up to 3.5x).
+  multiple = 2 * testing.MODEL_ERROR_MULTIPLE if interpret else (
+      testing.MODEL_ERROR_MULTIPLE)
   testing.assert_model_close(patched[1], stock[1], stock64[1], name="grads",
                              multiple=multiple)
   assert any(np.abs(g).max() > 0 for g in jax.tree.leaves(patched[1]))
