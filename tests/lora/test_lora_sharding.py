@@ -41,21 +41,28 @@ def _operands(equation, x_shape, w_shape, rank=4, seed=0):
 def test_sharded_equals_unsharded(equation, x_shape, w_shape, w_axes,
                                   implementation, interpret):
   x, w, a, b = _operands(equation, x_shape, w_shape)
-  mesh = testing.simulated_mesh()
+  _assert_sharded_equals_unsharded(
+      lambda x, a, b, mesh: ops.lora_einsum(
+          equation, x, w, a, b, scale=SCALE, mesh=mesh,
+          w_axes=w_axes if mesh else None, implementation=implementation,
+          interpret=interpret), x, a, b)
 
+
+def _assert_sharded_equals_unsharded(op, x, a, b):
+  """`op(x, a, b, mesh)`'s output and (dx, da, db) with and without the
+  simulated mesh; returns the sharded (da, db)."""
   def loss(x, a, b, mesh):
-    out = ops.lora_einsum(equation, x, w, a, b, scale=SCALE, mesh=mesh,
-                          w_axes=w_axes if mesh else None,
-                          implementation=implementation, interpret=interpret)
+    out = op(x, a, b, mesh)
     return jnp.sum(jnp.sin(out)), out
 
   grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True),
                  static_argnums=3)
   (dx, da, db), out = grad(x, a, b, None)
-  (sdx, sda, sdb), sout = grad(x, a, b, mesh)
+  (sdx, sda, sdb), sout = grad(x, a, b, testing.simulated_mesh())
   testing.assert_close(sout, out, name="out")
   for name, got, want in (("dx", sdx, dx), ("da", sda, da), ("db", sdb, db)):
     testing.assert_close(got, want, grad=True, name=name)
+  return sda, sdb
 
 
 def test_shard_map_splits_the_batch_and_sums_tp_contractions():
@@ -83,22 +90,11 @@ def test_many_adapters_sharded_equals_unsharded(w_axes, implementation,
   w = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
   w_scale = jnp.asarray(rng.uniform(0.001, 0.01, n), jnp.float32)
   ids = jnp.asarray([0, 2, 1, 2, 0, 0, 1, 2], jnp.int32)  # adapter 3 unused
-  mesh = testing.simulated_mesh()
-
-  def loss(x, a, b, mesh):
-    out = ops.lora_matmul(x, w, a, b, scale=SCALE, adapter_ids=ids,
-                          w_scale=w_scale, mesh=mesh,
-                          w_axes=w_axes if mesh else None,
-                          implementation=implementation, interpret=interpret)
-    return jnp.sum(jnp.sin(out)), out
-
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True),
-                 static_argnums=3)
-  (dx, da, db), out = grad(x, a, b, None)
-  (sdx, sda, sdb), sout = grad(x, a, b, mesh)
-  testing.assert_close(sout, out, name="out")
-  for name, got, want in (("dx", sdx, dx), ("da", sda, da), ("db", sdb, db)):
-    testing.assert_close(got, want, grad=True, name=name)
+  sda, sdb = _assert_sharded_equals_unsharded(
+      lambda x, a, b, mesh: ops.lora_matmul(
+          x, w, a, b, scale=SCALE, adapter_ids=ids, w_scale=w_scale,
+          mesh=mesh, w_axes=w_axes if mesh else None,
+          implementation=implementation, interpret=interpret), x, a, b)
   # An adapter gets a gradient from its own rows only.
   assert np.all(np.any(np.asarray(sda)[:3] != 0, axis=(1, 2)))
   assert not np.any(np.asarray(sda)[3]) and not np.any(np.asarray(sdb)[3])

@@ -29,12 +29,6 @@ VOCAB = 128
 sft_loss = peft_trainer._default_loss_fn  # pylint: disable=protected-access
 
 
-@pytest.fixture(autouse=True)
-def _unpatched_between_tests():
-  patches.revert()
-  yield
-  patches.revert()
-
 
 @pytest.fixture(scope="module")
 def lora_model():

@@ -35,12 +35,6 @@ WINDOW = 8
 sft_loss = tiny_models.sft_loss
 
 
-@pytest.fixture(autouse=True)
-def _unpatched_between_tests():
-  patches.revert()
-  yield
-  patches.revert()
-
 
 @pytest.fixture(scope="module")
 def config():

@@ -28,12 +28,6 @@ VOCAB = 128
 WINDOW = 8
 
 
-@pytest.fixture(autouse=True)
-def _unpatched_between_tests():
-  patches.revert()
-  yield
-  patches.revert()
-
 
 @pytest.fixture(scope="module")
 def model():

@@ -27,12 +27,6 @@ WINDOW = 8
 sft_loss = peft_trainer._default_loss_fn  # pylint: disable=protected-access
 
 
-@pytest.fixture(autouse=True)
-def _unpatched_between_tests():
-  patches.revert()
-  yield
-  patches.revert()
-
 
 def test_pallas_kernel_in_tiny_gemma4_matches_stock():
   config = tiny_models.tiny_config(vocab_size=VOCAB, sliding_window=WINDOW)

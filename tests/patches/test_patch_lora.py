@@ -38,12 +38,6 @@ def _config():
   return tiny_models.tiny_config(num_layers=3, frac_shared_layers=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _unpatched_between_tests():
-  patches.revert()
-  yield
-  patches.revert()
-
 
 @pytest.fixture(scope="module")
 def lora_model():

@@ -28,12 +28,6 @@ STOCK_LOSS = peft_trainer._default_loss_fn  # pylint: disable=protected-access
 LOSS_ONLY = dict(attention=False, ple=False, lora=False, loss=True)
 
 
-@pytest.fixture(autouse=True)
-def _unpatched_between_tests():
-  patches.revert()
-  yield
-  patches.revert()
-
 
 @pytest.fixture(scope="module")
 def lora_model():

@@ -35,12 +35,6 @@ def _loss(model, inputs):
   return tiny_models.sft_loss(model, **inputs)
 
 
-@pytest.fixture(autouse=True)
-def _unpatched_between_tests():
-  patches.revert()
-  yield
-  patches.revert()
-
 
 @pytest.fixture(scope="module")
 def lora_model():
