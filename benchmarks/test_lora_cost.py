@@ -19,7 +19,6 @@ Run:
 from __future__ import annotations
 
 import jax.numpy as jnp
-import pytest
 
 from gemma4_jax.kernels.lora import common
 from gemma4_jax.kernels.lora import kernel

@@ -18,9 +18,7 @@ Not part of CI (benchmarks/ is outside testpaths). Run:
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
@@ -39,50 +37,14 @@ import gemma4_jax.patches as patches
 from gemma4_jax import testing
 from gemma4_jax.kernels.ple.host import HostTable
 from gemma4_jax.patches import tunix_ple
+import ple_workload
 
 TOKENS = (4, 1024)
-_BYTES = {"bf16": 2, "f32": 4, "s32": 4, "f16": 2, "u32": 4, "pred": 1}
-# A collective's result type (a shape or a tuple of shapes) and its op.
-_COLLECTIVE = re.compile(
-    r"= (\(?[\w\[\],{} ]+?\)?) (all-gather|all-reduce|reduce-scatter|"
-    r"all-to-all|collective-permute)(?:-start)?\(")
-_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
-
-
-def _embedder_module():
-  return __import__(tunix_ple.detect_layout().module, fromlist=["Embedder"])
-
-
-def _config(**sizes):
-  module = _embedder_module()
-  config = module.ModelConfig.gemma4_e2b()
-  return dataclasses.replace(config, dtype=jnp.bfloat16,
-                             param_dtype=jnp.bfloat16, **sizes)
 
 
 def _abstract_embedder(config):
-  return nnx.eval_shape(lambda: _embedder_module().Embedder(
+  return nnx.eval_shape(lambda: ple_workload.embedder_module().Embedder(
       config, rngs=nnx.Rngs(0)))
-
-
-def _split(embedder):
-  """(graphdef, projection state, the rest): the projection is what a LoRA
-  step differentiates; the table is frozen."""
-  return nnx.split(embedder, nnx.PathContains("per_layer_model_projection"),
-                   ...)
-
-
-def _step(graphdef):
-  """Per-layer inputs and their gradient w.r.t. the projection."""
-  def step(projection, rest, x, tokens):
-    def loss(projection):
-      out = nnx.merge(graphdef, projection, rest).encode_per_layer_input(
-          x, tokens)
-      return jnp.sum(out.astype(jnp.float32)), out
-    (_, out), d_projection = jax.value_and_grad(loss, has_aux=True)(
-        projection)
-    return out, d_projection
-  return step
 
 
 def _sharded_structs(state, mesh, config):
@@ -108,7 +70,7 @@ def _compiled(mode, mesh, config, sparse_dir):
     array = np.memmap(path, dtype=ml_dtypes.bfloat16, mode="w+",
                       shape=table.shape)  # sparse: no bytes written
     tunix_ple.offload_table(embedder, HostTable(array))
-  graphdef, projection, rest = _split(embedder)
+  graphdef, projection, rest = ple_workload.split(embedder)
   projection, rest = (_sharded_structs(s, mesh, config)
                       for s in (projection, rest))
   act = NamedSharding(mesh, P(*config.shd_config.act_btd))
@@ -119,24 +81,13 @@ def _compiled(mode, mesh, config, sparse_dir):
   context = (patches.applied(attention=False, ple=mode) if mode
              else patches.applied(attention=False, ple=False))
   with context, jax.set_mesh(mesh):
-    return jax.jit(_step(graphdef)).lower(projection, rest, x,
-                                          tokens).compile()
-
-
-def _collective_bytes(hlo):
-  """Total result bytes of the collectives in compiled HLO, and per op."""
-  total, ops = 0, {}
-  for result, op in _COLLECTIVE.findall(hlo):
-    size = sum(int(np.prod([int(d) for d in dims.split(",") if d]))
-               * _BYTES.get(dtype, 4) for dtype, dims in _SHAPE.findall(result))
-    total += size
-    ops[op] = ops.get(op, 0) + size
-  return total, ops
+    return jax.jit(ple_workload.step(graphdef)).lower(
+        projection, rest, x, tokens).compile()
 
 
 def test_e2b_accelerator_and_collective_bytes():
   mesh = testing.simulated_mesh()
-  config = _config()
+  config = ple_workload.e2b_config()
   table_bytes = (config.num_embed * config.num_layers
                  * config.per_layer_input_dim * 2)
   rows = {}
@@ -144,7 +95,7 @@ def test_e2b_accelerator_and_collective_bytes():
     for name, mode in (("stock", None), ("sharded", True), ("host", "host")):
       compiled = _compiled(mode, mesh, config, sparse_dir)
       memory = compiled.memory_analysis()
-      collective, ops = _collective_bytes(compiled.as_text())
+      collective, ops = ple_workload.collective_bytes(compiled.as_text())
       rows[name] = dict(arguments=memory.argument_size_in_bytes,
                         temp=memory.temp_size_in_bytes,
                         output=memory.output_size_in_bytes,
@@ -167,8 +118,8 @@ def test_e2b_accelerator_and_collective_bytes():
 
 
 def _small_problem(seed=0, *, vocab=4096, embed_dim=256, tokens=(4, 256)):
-  config = _config(num_embed=vocab, embed_dim=embed_dim)
-  embedder = nnx.eval_shape(lambda: _embedder_module().Embedder(
+  config = ple_workload.e2b_config(num_embed=vocab, embed_dim=embed_dim)
+  embedder = nnx.eval_shape(lambda: ple_workload.embedder_module().Embedder(
       config, rngs=nnx.Rngs(0)))
   rng = np.random.default_rng(seed)
   state = jax.tree_util.tree_map(
@@ -181,8 +132,8 @@ def _small_problem(seed=0, *, vocab=4096, embed_dim=256, tokens=(4, 256)):
 
 
 def _timed_step(embedder, x, ids, benchmark):
-  graphdef, projection, rest = _split(embedder)
-  step = jax.jit(_step(graphdef))
+  graphdef, projection, rest = ple_workload.split(embedder)
+  step = jax.jit(ple_workload.step(graphdef))
   jax.block_until_ready(step(projection, rest, x, ids))
   return benchmark(lambda: jax.block_until_ready(
       step(projection, rest, x, ids)))
@@ -201,16 +152,16 @@ def test_cpu_step_time(benchmark, mode):
 
 def test_e2b_combine_temp_bytes_single_device():
   """What the fused combine saves: the step's temporaries on one device."""
-  config = _config()
+  config = ple_workload.e2b_config()
   temps = {}
   for name, ple in (("stock", False), ("fused", True)):
     embedder = _abstract_embedder(config)
-    graphdef, projection, rest = _split(embedder)
+    graphdef, projection, rest = ple_workload.split(embedder)
     x = jax.ShapeDtypeStruct((*TOKENS, config.embed_dim), jnp.bfloat16)
     tokens = jax.ShapeDtypeStruct(TOKENS, jnp.int32)
     with patches.applied(attention=False, ple=ple, implementation="xla"):
-      compiled = jax.jit(_step(graphdef)).lower(projection, rest, x,
-                                                tokens).compile()
+      compiled = jax.jit(ple_workload.step(graphdef)).lower(
+          projection, rest, x, tokens).compile()
     temps[name] = compiled.memory_analysis().temp_size_in_bytes
   print(f"\nE2B PLE step on one device, temp bytes: stock "
         f"{temps['stock'] / 2**20:.1f} MiB, fused "

@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gemma4_jax import ops
 from gemma4_jax import testing
 from gemma4_jax.kernels.loss import fused as loss_fused
 from gemma4_jax.kernels.loss import pallas_tpu

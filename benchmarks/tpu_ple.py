@@ -17,8 +17,6 @@ that the Pallas kernel and the step lower to Mosaic/StableHLO at E2B shapes.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import re
 import time
 
 import jax
@@ -32,55 +30,12 @@ from gemma4_jax.kernels.ple import combine
 from gemma4_jax.kernels.ple import pallas_tpu
 from gemma4_jax.kernels.ple import xla
 from gemma4_jax.patches import tunix_ple
-
-# A collective's result type (a shape or a tuple of shapes) and its op.
-_COLLECTIVE = re.compile(
-    r"= (\(?[\w\[\],{} ]+?\)?) (all-gather|all-reduce|reduce-scatter|"
-    r"all-to-all|collective-permute)(?:-start)?\(")
-_SHAPE = re.compile(r"(\w+)\[([\d,]*)\]")
-_BYTES = {"bf16": 2, "f32": 4, "s32": 4}
-
-
-def _module():
-  return __import__(tunix_ple.detect_layout().module, fromlist=["Embedder"])
-
-
-def _config():
-  config = _module().ModelConfig.gemma4_e2b()
-  return dataclasses.replace(config, dtype=jnp.bfloat16,
-                             param_dtype=jnp.bfloat16)
-
-
-def _split(embedder):
-  """(graphdef, projection state, the rest): the projection is what a LoRA
-  step differentiates; the table is frozen."""
-  return nnx.split(embedder, nnx.PathContains("per_layer_model_projection"),
-                   ...)
-
-
-def _step(graphdef):
-  """Per-layer inputs and their gradient w.r.t. the projection."""
-  def step(projection, rest, x, tokens):
-    def loss(projection):
-      out = nnx.merge(graphdef, projection, rest).encode_per_layer_input(
-          x, tokens)
-      return jnp.sum(out.astype(jnp.float32)), out
-    (_, out), d_projection = jax.value_and_grad(loss, has_aux=True)(
-        projection)
-    return out, d_projection
-  return step
-
-
-def _collective_bytes(hlo: str) -> int:
-  return sum(int(np.prod([int(d) for d in dims.split(",") if d]))
-             * _BYTES.get(dtype, 4)
-             for result, _ in _COLLECTIVE.findall(hlo)
-             for dtype, dims in _SHAPE.findall(result))
+import ple_workload
 
 
 def dry_run(batch: int, seq_len: int) -> None:
   """Lowers the patched kernel and step for TPU with abstract arguments."""
-  config = _config()
+  config = ple_workload.e2b_config()
   vocab, layers, dim = (config.num_embed, config.num_layers,
                         config.per_layer_input_dim)
   table = jax.ShapeDtypeStruct((vocab, layers, dim), jnp.bfloat16)
@@ -113,8 +68,8 @@ def run(batch: int, seq_len: int, steps: int) -> None:
   devices = jax.devices()
   mesh = jax.make_mesh((len(devices) // 2 or 1, min(2, len(devices))),
                        ("fsdp", "tp"))
-  config = _config()
-  embedder = _module().Embedder(config, rngs=nnx.Rngs(0))
+  config = ple_workload.e2b_config()
+  embedder = ple_workload.embedder_module().Embedder(config, rngs=nnx.Rngs(0))
   shd = config.shd_config
   specs = {"per_layer_input_embedding": shd.per_layer_input_embedding,
            "per_layer_model_projection": shd.per_layer_model_projection,
@@ -137,9 +92,9 @@ def run(batch: int, seq_len: int, steps: int) -> None:
   for name, ple in (("stock", False), ("patched", True), ("host", "host")):
     if ple == "host":
       tunix_ple.offload_table(embedder)  # the last mode: frees the HBM copy
-    graphdef, projection, rest = _split(embedder)
+    graphdef, projection, rest = ple_workload.split(embedder)
     with patches.applied(attention=False, ple=ple), jax.set_mesh(mesh):
-      step = jax.jit(_step(graphdef))
+      step = jax.jit(ple_workload.step(graphdef))
       compiled = step.lower(projection, rest, x, tokens).compile()
       jax.block_until_ready(step(projection, rest, x, tokens))
       start = time.perf_counter()
@@ -150,7 +105,7 @@ def run(batch: int, seq_len: int, steps: int) -> None:
     memory = compiled.memory_analysis()
     results[name] = (seconds, memory.argument_size_in_bytes
                      + memory.temp_size_in_bytes,
-                     _collective_bytes(compiled.as_text()))
+                     ple_workload.collective_bytes(compiled.as_text())[0])
   stock = results["stock"]
   for name, (seconds, hbm, collective) in results.items():
     print(f"{name:8s} {seconds * 1e3:8.2f} ms/step ({seconds / stock[0]:.2f}x "

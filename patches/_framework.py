@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import importlib
 from importlib import metadata
+import importlib.util
 import inspect
 import threading
 from typing import Callable
@@ -198,12 +199,53 @@ class Status:
     return "\n".join(lines)
 
 
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """Where one version of a library keeps what a patch replaces.
+
+  Attributes:
+    module: the module holding the target class.
+    config_module: the module holding its config dataclasses.
+    known_versions: installed version strings this layout was tested at.
+    description: for messages.
+    known_layout: set when this layout, whatever the installed version
+      string, is what was tested (Tunix main is imported over google-tunix
+      0.1.7's metadata; see `Target.known_layout`).
+  """
+  module: str
+  config_module: str
+  known_versions: tuple[str, ...]
+  description: str
+  known_layout: str | None = None
+
+
 def describe_known(distribution: str, layouts) -> str:
   """`Target.known_to_work` text for a patch's layouts: each one's layout
   name or versions, and its module."""
   return "; ".join(
       f"{layout.known_layout or distribution + ' ' + ', '.join(layout.known_versions)}"
       f" ({layout.module})" for layout in layouts)
+
+
+def find_layout(feature: str, distribution: str, layouts, owner: str):
+  """The first of `layouts` whose module imports here and defines `owner`.
+
+  Raises:
+    TargetChangedError: the library is not installed or none of the
+      modules has `owner`.
+  """
+  for layout in layouts:
+    try:
+      if importlib.util.find_spec(layout.module) is not None and hasattr(
+          importlib.import_module(layout.module), owner):
+        return layout
+    except ImportError:  # a parent package is missing
+      continue
+  raise TargetChangedError(
+      f"gemma4_jax.patches cannot patch {feature}: none of "
+      f"{', '.join(layout.module for layout in layouts)} has {owner} "
+      f"({distribution} {installed_version(distribution)}). Known to work: "
+      f"{describe_known(distribution, layouts)}. Nothing was patched.")
 
 
 def installed_version(distribution: str) -> str | None:

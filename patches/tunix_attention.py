@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
 from typing import Callable
 
 import jax
@@ -55,16 +54,10 @@ _CONFIG_FIELDS = ("dtype", "shd_config", "sliding_window_size",
 
 
 @dataclasses.dataclass(frozen=True)
-class Layout:
-  """Where one Tunix version keeps Gemma 4 attention."""
-  module: str
-  config_module: str
-  takes_segment_ids: bool
-  known_versions: tuple[str, ...]
-  description: str
-  # Set when this layout, whatever the installed version string, is what was
-  # tested (see `_framework.Target.known_layout`).
-  known_layout: str | None = None
+class Layout(_framework.Layout):
+  """Where one Tunix version keeps Gemma 4 attention, and whether its
+  `Attention.block` takes `segment_ids`."""
+  takes_segment_ids: bool = False
 
 
 LAYOUTS = (
@@ -85,22 +78,8 @@ KNOWN_TO_WORK = _framework.describe_known(DISTRIBUTION, LAYOUTS)
 
 
 def detect_layout() -> Layout:
-  """The first of `LAYOUTS` whose module exists here.
-
-  Raises:
-    TargetChangedError: Tunix is not installed or has neither module.
-  """
-  for layout in LAYOUTS:
-    try:
-      if importlib.util.find_spec(layout.module) is not None:
-        return layout
-    except ImportError:  # a parent package is missing
-      continue
-  raise _framework.TargetChangedError(
-      f"gemma4_jax.patches cannot patch {FEATURE}: none of "
-      f"{', '.join(layout.module for layout in LAYOUTS)} can be imported "
-      f"({DISTRIBUTION} {_framework.installed_version(DISTRIBUTION)}). Known "
-      f"to work: {KNOWN_TO_WORK}. Nothing was patched.")
+  """The first of `LAYOUTS` present here (`_framework.find_layout`)."""
+  return _framework.find_layout(FEATURE, DISTRIBUTION, LAYOUTS, "Attention")
 
 
 def target() -> _framework.Target:

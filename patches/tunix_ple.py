@@ -26,9 +26,6 @@ Both Tunix layouts: google-tunix 0.1.7 (`tunix.models.gemma4.model`, table
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import importlib.util
 from typing import Callable
 
 import jax
@@ -49,24 +46,12 @@ _INSTANCE_ATTRIBUTES = ("config", "vocab_size", "per_layer_model_projection",
 _CONFIG_FIELDS = ("num_layers", "per_layer_input_dim", "shd_config")
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """Where one Tunix version keeps the Gemma 4 `Embedder`."""
-  module: str
-  config_module: str
-  known_versions: tuple[str, ...]
-  description: str
-  # As in tunix_attention: Tunix main is known by its layout, not by the
-  # version string of the metadata it is imported over.
-  known_layout: str | None = None
-
-
 LAYOUTS = (
-    Layout(module="tunix.models.gemma4.layers",
+    _framework.Layout(module="tunix.models.gemma4.layers",
            config_module="tunix.models.gemma4.config", known_versions=(),
            description="Tunix main (layers.py, [V, L*P] table)",
            known_layout="Tunix main c7d8950f"),
-    Layout(module="tunix.models.gemma4.model",
+    _framework.Layout(module="tunix.models.gemma4.model",
            config_module="tunix.models.gemma4.model",
            known_versions=("0.1.7",),
            description="google-tunix 0.1.7 (model.py, [V, L, P] table)"),
@@ -74,25 +59,9 @@ LAYOUTS = (
 KNOWN_TO_WORK = _framework.describe_known(DISTRIBUTION, LAYOUTS)
 
 
-def detect_layout() -> Layout:
-  """The first of `LAYOUTS` whose module exists here.
-
-  Raises:
-    TargetChangedError: Tunix is not installed or has neither module.
-  """
-  for layout in LAYOUTS:
-    try:
-      if importlib.util.find_spec(layout.module) is not None:
-        module = importlib.import_module(layout.module)
-        if hasattr(module, "Embedder"):
-          return layout
-    except ImportError:  # a parent package is missing
-      continue
-  raise _framework.TargetChangedError(
-      f"gemma4_jax.patches cannot patch {FEATURE}: none of "
-      f"{', '.join(layout.module for layout in LAYOUTS)} has an Embedder "
-      f"({DISTRIBUTION} {_framework.installed_version(DISTRIBUTION)}). Known "
-      f"to work: {KNOWN_TO_WORK}. Nothing was patched.")
+def detect_layout() -> _framework.Layout:
+  """The first of `LAYOUTS` present here (`_framework.find_layout`)."""
+  return _framework.find_layout(FEATURE, DISTRIBUTION, LAYOUTS, "Embedder")
 
 
 def target() -> _framework.Target:

@@ -19,7 +19,6 @@ from hypothesis import given, strategies as st
 from gemma4_jax import ops
 from gemma4_jax import testing
 from gemma4_jax.kernels.attention import xla as attention_xla
-from gemma4_jax.reference import attention as attention_reference
 
 THOROUGH = os.environ.get("HYPOTHESIS_PROFILE") == "thorough"
 LENGTHS = [1, 7, 33, 100] + ([1000, 1029] if THOROUGH else [])

@@ -21,7 +21,6 @@ from flax import nnx
 import gemma4_jax.patches as patches
 from gemma4_jax import testing
 from gemma4_jax import tiny_models
-from gemma4_jax.patches import qwix_lora
 from qwix._src.providers import lora as qwix_lora_module
 
 # The LoRA patch alone (the others are tested in their own files).
