@@ -7,6 +7,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import pytest  # pylint: disable=g-import-not-at-top
 from hypothesis import HealthCheck, settings  # pylint: disable=g-import-not-at-top
 
 _COMMON = dict(deadline=None, print_blob=True,
@@ -17,3 +18,28 @@ settings.register_profile("ci", max_examples=12, derandomize=True, **_COMMON)
 settings.register_profile("dev", max_examples=40, **_COMMON)
 settings.register_profile("thorough", max_examples=400, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+
+# Work units for `make test`'s two pytest-xdist workers (`--dist loadgroup`):
+# a test file is one unit, so its module-scoped models are built once;
+# tests/export is one, for its session-scoped tiny training run; each Tunix
+# main run (a subprocess of minutes) is a unit of its own.
+_TUNIX_MAIN = "tests/tunix_main/"
+_ONE_UNIT = ("tests/export/",)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+  """Groups tests into xdist work units and hands out the longest first.
+
+  The Tunix main runs go first so that the short tests fill in around them
+  instead of one of them ending the run alone on one worker.
+  """
+  del config
+  for item in items:
+    path = item.nodeid.split("::")[0]
+    if not path.startswith(_TUNIX_MAIN):
+      group = next((d for d in _ONE_UNIT if path.startswith(d)), path)
+      item.add_marker(pytest.mark.xdist_group(group))
+  items.sort(key=lambda item: not item.nodeid.startswith(_TUNIX_MAIN))
