@@ -157,6 +157,26 @@ def float64_copy(model: gemma4_lib.Gemma4, *, alpha: float = 8.0,
   return copy
 
 
+def ulp_perturbed(model: gemma4_lib.Gemma4, *, seed: int) -> gemma4_lib.Gemma4:
+  """A copy of `model` (LoRA included) with every floating weight moved by
+  about one ulp, up or down at random.
+
+  A stock run of it is another equally valid float32 answer: the float32
+  noise yardstick of `testing.assert_model_close(..., perturbed=...)`.
+  """
+  graphdef, state = nnx.split(model)
+  rng = np.random.default_rng(seed)
+
+  def nudge(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    eps = jnp.finfo(x.dtype).eps
+    signs = rng.choice(np.array([-1, 1], x.dtype), size=x.shape)
+    return x * (1 + eps * signs).astype(x.dtype)
+
+  return nnx.merge(graphdef, jax.tree.map(nudge, state))
+
+
 def synthetic_batches(num_batches: int, *, batch_size: int, seq_len: int,
                       vocab_size: int, padding: Padding = "none",
                       seed: int = 0) -> list[peft_trainer.TrainingInput]:

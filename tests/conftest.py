@@ -1,4 +1,5 @@
-"""Test-wide set-up: a simulated 4-device CPU mesh and Hypothesis profiles."""
+"""Test-wide set-up: a simulated 4-device CPU mesh, Hypothesis profiles and
+the work units of `make test`'s parallel workers."""
 
 import os
 
@@ -18,7 +19,6 @@ settings.register_profile("ci", max_examples=12, derandomize=True, **_COMMON)
 settings.register_profile("dev", max_examples=40, **_COMMON)
 settings.register_profile("thorough", max_examples=400, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
-
 
 
 # Work units for `make test`'s two pytest-xdist workers (`--dist loadgroup`):

@@ -1,5 +1,7 @@
 """The test harness itself: tolerances catch errors, TPU lowering, the mesh."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,6 +53,35 @@ def test_assert_model_close_bounds_by_stock_float32_error():
     testing.assert_model_close({"a": stock}, tree(stock), tree(stock64))
   with pytest.raises(AssertionError, match="non-finite"):
     testing.assert_model_close(stock * np.nan, stock, stock64)
+
+
+def test_perturbed_stock_runs_widen_the_noise_to_their_spread():
+  stock64 = np.linspace(-2.0, 2.0, 101)
+  stock = stock64 + 1e-6  # a lucky rounding: 1e-6 from float64
+  perturbed = [stock + 3e-5 * (np.arange(101) == 7), stock - 1e-5]
+  floor = testing.MODEL_ERROR_FLOOR_ULPS * np.finfo(np.float32).eps * 2.0
+  bound = testing.MODEL_ERROR_MULTIPLE * 3e-5 + floor
+  actual = stock64 + 0.99 * bound
+  with pytest.raises(AssertionError, match="from float64"):
+    testing.assert_model_close(actual, stock, stock64)
+  error, got_bound = testing.assert_model_close(actual, stock, stock64,
+                                                perturbed=perturbed)
+  np.testing.assert_allclose((error, got_bound), (0.99 * bound, bound))
+  with pytest.raises(AssertionError, match=r"noise 3e-05"):
+    testing.assert_model_close(stock64 + 1.01 * bound, stock, stock64,
+                               perturbed=perturbed)
+  with pytest.raises(AssertionError, match="structure"):
+    testing.assert_model_close(actual, stock, stock64,
+                               perturbed=[{"a": stock}])
+
+
+def test_float16_probe_matches_the_instruction_set():
+  # The probe must tell a float16 failure apart from working float16.
+  works = testing.float16_compiles()
+  if works:
+    assert jnp.ones(2, jnp.float16).astype(jnp.float32).sum() == 2
+  else:
+    assert "SSE4_2" in os.environ.get("XLA_FLAGS", "")
 
 
 @pytest.mark.parametrize("head_dim, window", [(256, 512), (512, None)])

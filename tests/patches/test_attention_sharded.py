@@ -29,7 +29,6 @@ VOCAB = 128
 sft_loss = peft_trainer._default_loss_fn  # pylint: disable=protected-access
 
 
-
 @pytest.fixture(scope="module")
 def lora_model():
   # 4 query heads, 1 KV head (MQA, as E2B): tp=2 splits the query heads and

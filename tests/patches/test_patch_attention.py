@@ -35,7 +35,6 @@ WINDOW = 8
 sft_loss = tiny_models.sft_loss
 
 
-
 @pytest.fixture(scope="module")
 def config():
   return tiny_models.tiny_config(vocab_size=VOCAB, sliding_window=WINDOW)
@@ -155,11 +154,13 @@ def _lora_grads(model, inputs, loss_mask):
 def test_lora_grads_match_unpatched(lora_model, lora_model64):
   """LoRA gradients of Tunix's SFT loss, patched vs stock.
 
-  This tiny random model's float32 LoRA gradients are ill-conditioned
-  (moving every weight by one ulp moves Tunix's own gradients by up to 20x
-  the kernel table's float32 gradient tolerance), which is exactly what the
-  model-level rule measures: stock float32's error against float64 sets the
-  bound for the patched float32 gradients.
+  This tiny random model's float32 LoRA gradients are ill-conditioned:
+  moving every weight by one ulp moves stock's own gradients by up to 9x
+  stock's error against float64 on some leaves (under SSE4_2, where all
+  four patches together then measured up to 18.7x stock's error and at
+  most 2.3x the perturbed spread). So the bound's noise is the larger of
+  stock's error and the spread of two ulp-perturbed stock runs
+  (`assert_model_close(perturbed=...)`).
   """
   # One batch with an unpadded, a right-padded and a left-padded row.
   right, left = (tiny_models.synthetic_batches(
@@ -178,12 +179,17 @@ def test_lora_grads_match_unpatched(lora_model, lora_model64):
     stock64 = _lora_grads(lora_model64, inputs, loss_mask)
     stock64 = {k: np.asarray(g) for k, g in stock64.items()}
   stock = _lora_grads(lora_model, inputs, loss_mask)
+  perturbed = [_lora_grads(tiny_models.ulp_perturbed(lora_model, seed=seed),
+                           inputs, loss_mask) for seed in (0, 1)]
   with patches.applied():
     patched = _lora_grads(lora_model, inputs, loss_mask)
   assert len(patched) > 40 and patched.keys() == stock.keys() == stock64.keys()
   assert all(g.dtype == np.float64 for g in stock64.values())
   assert max(np.abs(g).max() for g in stock64.values()) > 1e-2
-  testing.assert_model_close(patched, stock, stock64, name="LoRA grads")
+  # The perturbed runs are other float32 answers, not the same one.
+  assert all(any(np.any(p[k] != stock[k]) for k in stock) for p in perturbed)
+  testing.assert_model_close(patched, stock, stock64, name="LoRA grads",
+                             perturbed=perturbed)
 
 
 def test_mask_ranks_give_identical_logits(lora_model, forward, config):

@@ -28,7 +28,6 @@ VOCAB = 128
 WINDOW = 8
 
 
-
 @pytest.fixture(scope="module")
 def model():
   # 6 layers: local, local, global, then three reusing the KV of layers 1

@@ -27,7 +27,6 @@ WINDOW = 8
 sft_loss = peft_trainer._default_loss_fn  # pylint: disable=protected-access
 
 
-
 def test_pallas_kernel_in_tiny_gemma4_matches_stock():
   config = tiny_models.tiny_config(vocab_size=VOCAB, sliding_window=WINDOW)
   model = tiny_models.apply_lora(tiny_models.build_model(config, seed=0),

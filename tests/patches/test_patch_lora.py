@@ -37,7 +37,6 @@ def _config():
   return tiny_models.tiny_config(num_layers=3, frac_shared_layers=0.0)
 
 
-
 @pytest.fixture(scope="module")
 def lora_model():
   model = tiny_models.build_model(_config(),

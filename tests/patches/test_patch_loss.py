@@ -28,7 +28,6 @@ STOCK_LOSS = peft_trainer._default_loss_fn  # pylint: disable=protected-access
 LOSS_ONLY = dict(attention=False, ple=False, lora=False, loss=True)
 
 
-
 @pytest.fixture(scope="module")
 def lora_model():
   # The loss sees only the final norm's output: 3 layers (local, local,

@@ -35,7 +35,6 @@ def _loss(model, inputs):
   return tiny_models.sft_loss(model, **inputs)
 
 
-
 @pytest.fixture(scope="module")
 def lora_model():
   # 3 layers (local, local, global), no KV sharing: the smallest model whose

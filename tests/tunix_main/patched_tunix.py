@@ -12,7 +12,9 @@ still far more exact than float32, which is all the bound needs (the last
 cast to float32 is covered by the bound's floor). Calls under a trace (jitted training steps) are left alone, and so
 are models with a part that cannot run in float64 (Tunix's audio encoder
 rejects float64 inputs) or too large for a float64 copy on a 24 GB machine
-(the 12B test's 1G-entry embedding); the summary names them.
+(the 12B test's 1G-entry embedding); the summary names them. Tunix's
+float16 tests skip where XLA:CPU cannot compile float16 at all (no F16C, as
+under `--xla_cpu_max_isa=SSE4_2`; `testing.float16_compiles`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import pytest
 from flax import nnx
 
 import gemma4_jax.patches as patches
@@ -45,6 +48,16 @@ def pytest_configure(config):
   from tunix.models.gemma4 import model as gemma4_lib  # pylint: disable=g-import-not-at-top
   _ORIGINAL_CALL = gemma4_lib.Gemma4.__call__
   gemma4_lib.Gemma4.__call__ = _checked_call
+
+
+def pytest_collection_modifyitems(config, items):
+  """Skips Tunix's float16 tests where XLA:CPU cannot compile float16."""
+  del config
+  if testing.float16_compiles():
+    return
+  for item in items:
+    if "float16" in item.name and "bfloat16" not in item.name:
+      item.add_marker(pytest.mark.skip(reason=testing.FLOAT16_UNSUPPORTED))
 
 
 def pytest_unconfigure(config):
