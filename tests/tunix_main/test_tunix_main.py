@@ -5,9 +5,9 @@ PyPI; it is imported over the installed google-tunix 0.1.7 by putting it
 first on PYTHONPATH, which needs a fresh process. So each test here runs
 pytest in a subprocess and passes iff that run passes:
 
-- the model-level patch tests (`tests/patches/test_patch_*.py` but the
-  framework tests, which are about 0.1.7's installed modules) on Tunix
-  main's code;
+- the model-level patch tests (`PATCH_TEST_RUNS`: every file in
+  tests/patches but two, see `test_every_patch_test_file_is_run_on_tunix_main`)
+  on Tunix main's code;
 - Tunix main's own Gemma 4 model tests and SFT `PeftTrainer` tests, with
   `patches.apply()` in force through the `patched_tunix` plugin (which also
   holds every eager Gemma 4 forward pass to the model-level rule).
