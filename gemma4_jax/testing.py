@@ -1,4 +1,4 @@
-"""Helpers for tests and benchmarks: tolerances, TPU lowering, meshes.
+"""Helpers for tests and benchmarks: tolerances, TPU compiles, meshes.
 
 Tolerances follow DESIGN.md: pass iff max|out - ref| <= atol + rtol * |ref|
 elementwise; gradients get twice the output tolerance. That table is for one
@@ -219,3 +219,89 @@ def simulated_mesh(shape=(2, 2), axis_names=("fsdp", "tp")) -> jax.sharding.Mesh
         f"{needed} before importing jax")
   return jax.make_mesh(shape, axis_names, devices=devices[:needed],
                        axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+# libtpu reads these at start-up; without them it logs a page of warnings
+# about the TPU it cannot find. Only abstract chips are used here.
+_QUIET_LIBTPU = {"TPU_ACCELERATOR_TYPE": "v5litepod-4",
+                 "TPU_WORKER_HOSTNAMES": "localhost"}
+
+
+@functools.cache
+def libtpu_missing() -> str | None:
+  """Why this machine cannot compile for TPU, or None if it can.
+
+  Compiling for abstract TPU chips needs libtpu (`pip install -e .[tpu]`, or
+  the test extra); a plain user install of gemma4-jax does not have it.
+  """
+  try:
+    tpu_devices("v5e:2x2")
+  except Exception as error:  # pylint: disable=broad-except
+    return (f"cannot compile for TPU here (needs libtpu at the version "
+            f"jax[tpu] pins): {type(error).__name__}: {error}"[:300])
+  return None
+
+
+@functools.cache
+def tpu_devices(topology: str = "v5e:2x2") -> tuple:
+  """Abstract TPU chips of `topology` (e.g. "v5e:2x2", "v6e:2x2").
+
+  XLA:TPU and Mosaic compile for them on any machine with libtpu; nothing
+  runs and nothing is allocated.
+  """
+  for name, value in _QUIET_LIBTPU.items():
+    os.environ.setdefault(name, value)
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  return tuple(topologies.get_topology_desc(topology_name=topology,
+                                            platform="tpu").devices)
+
+
+def tpu_mesh(topology: str = "v5e:2x2", shape=None,
+             axis_names=("fsdp", "tp")) -> jax.sharding.Mesh:
+  """A mesh of abstract TPU chips with Tunix's axes (Auto, like Tunix's).
+
+  `shape` defaults to (chips // 2, 2) for two axes.
+  """
+  devices = tpu_devices(topology)
+  if shape is None:
+    shape = ((len(devices) // 2, 2) if len(axis_names) == 2
+             else (len(devices),))
+  return jax.sharding.Mesh(
+      np.array(devices[:int(np.prod(shape))]).reshape(shape), axis_names,
+      axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+def tpu_struct(shape, dtype, spec=None, *, mesh=None):
+  """A `ShapeDtypeStruct` placed on abstract TPU chips: on one v5e chip, or
+  sharded over `mesh` by the `PartitionSpec` `spec`."""
+  if mesh is None:
+    sharding = jax.sharding.SingleDeviceSharding(tpu_devices("v5e:2x2")[0])
+  else:
+    sharding = jax.sharding.NamedSharding(
+        mesh, spec if spec is not None else jax.sharding.PartitionSpec())
+  return jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+
+
+def compile_for_tpu(fn, *args, mesh=None, **jit_kwargs):
+  """`jax.jit(fn).lower(*args).compile()` for the chips `args` are on.
+
+  Arguments are `tpu_struct`s (no memory). With `mesh`, lowering happens
+  under `jax.set_mesh(mesh)`, as a Tunix training step is traced. The result
+  has `memory_analysis()` (per chip) and `as_text()` (the compiled HLO).
+  """
+  jitted = jax.jit(fn, **jit_kwargs)
+  if mesh is None:
+    return jitted.lower(*args).compile()
+  with jax.set_mesh(mesh):
+    return jitted.lower(*args).compile()
+
+
+def mosaic_kernels(compiled) -> int:
+  """How many Mosaic (Pallas TPU) kernels a compiled TPU program calls."""
+  return compiled.as_text().count('custom_call_target="tpu_custom_call"')
+
+
+def temp_bytes(compiled) -> int:
+  """HBM temporaries per chip of a compiled TPU program (XLA's buffer
+  assignment, arguments and outputs excluded)."""
+  return compiled.memory_analysis().temp_size_in_bytes
