@@ -221,10 +221,13 @@ def simulated_mesh(shape=(2, 2), axis_names=("fsdp", "tp")) -> jax.sharding.Mesh
                        axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
-# libtpu reads these at start-up; without them it logs a page of warnings
-# about the TPU it cannot find. Only abstract chips are used here.
+# libtpu reads these at start-up. Without the first two it logs a page of
+# warnings about the TPU it cannot find (only abstract chips are used here);
+# without the third, a second process (a pytest-xdist worker, a `fit` run)
+# fails on /tmp/libtpu_lockfile, which guards real chips.
 _QUIET_LIBTPU = {"TPU_ACCELERATOR_TYPE": "v5litepod-4",
-                 "TPU_WORKER_HOSTNAMES": "localhost"}
+                 "TPU_WORKER_HOSTNAMES": "localhost",
+                 "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
 
 
 @functools.cache
