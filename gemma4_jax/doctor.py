@@ -29,10 +29,13 @@ def main() -> int:
   print("\npackages:")
   for name in PACKAGES:
     print(f"  {name:18} {_version(name)}")
-  print("\nops (implementation used by default here):")
+  print("\nops (implementation used by default, by the platform lowered "
+        "for):")
   for op, available in ops.AVAILABLE.items():
-    chosen = implementations.resolve(op, None, available)
-    print(f"  {op:18} {chosen:10} (has: {', '.join(available)})")
+    chosen = implementations.describe(
+        implementations.resolve(op, None, available),
+        tpu_default=ops.TPU_DEFAULT[op])
+    print(f"  {op:24} {chosen:32} (has: {', '.join(available)})")
   print("\npatches:")
   print(patches.status())
   return 0

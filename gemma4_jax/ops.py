@@ -1,8 +1,11 @@
 """Public functional ops; each picks an implementation for the platform.
 
-`implementation=None` picks Pallas on TPU and the XLA version elsewhere (the
-env var `GEMMA4_JAX_IMPLEMENTATION` overrides the default); `"pallas_tpu"`,
-`"xla"` and `"reference"` force one and raise if it cannot run here.
+`implementation=None` picks the op's TPU default when the computation is
+lowered for TPU (ahead-of-time compiles and `jax.export` from a CPU host
+included) and the XLA version elsewhere; the env var
+`GEMMA4_JAX_IMPLEMENTATION` overrides the default. `"pallas_tpu"`, `"xla"`
+and `"reference"` force one; a forced Pallas kernel lowered for a platform
+other than TPU raises unless `interpret=True` (see `implementations`).
 """
 
 from __future__ import annotations
@@ -44,13 +47,24 @@ _ATTENTION = {
 _EVERY = (implementations.PALLAS_TPU, implementations.XLA,
           implementations.REFERENCE)
 _PLE = _LOSS = _EVERY
-# op name -> implementations it has, in order of preference.
+# op name -> implementations it has.
 AVAILABLE = {
     "attention": tuple(_ATTENTION),
     "ple_lookup": _PLE,
     "per_layer_inputs": _PLE,
     "lora_matmul": _EVERY,
     "softcapped_cross_entropy": _LOSS,
+}
+# op name -> what `implementation=None` runs when lowered for TPU (the XLA
+# version elsewhere). Pallas where the kernel needs no more HBM than the XLA
+# version compiled for v5e and is not slower by the roofline; README's "TPU
+# defaults" gives the figures.
+TPU_DEFAULT = {
+    "attention": implementations.PALLAS_TPU,
+    "ple_lookup": implementations.PALLAS_TPU,
+    "per_layer_inputs": implementations.PALLAS_TPU,
+    "lora_matmul": implementations.PALLAS_TPU,
+    "softcapped_cross_entropy": implementations.PALLAS_TPU,
 }
 
 
@@ -89,12 +103,15 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
                         scale=scale)
   name = implementations.resolve("attention", implementation,
                                  tuple(_ATTENTION), interpret=interpret)
+  options = dict(causal=causal, sliding_window=sliding_window,
+                 softcap=softcap, scale=scale)
+  table = {impl: functools.partial(fn, **options)
+           for impl, fn in _ATTENTION.items()}
   # Only the Pallas kernel has an interpret mode.
-  extra = ({"interpret": interpret} if name == implementations.PALLAS_TPU
-           else {})
-  run = functools.partial(_ATTENTION[name], causal=causal,
-                          sliding_window=sliding_window, softcap=softcap,
-                          scale=scale, **extra)
+  table[implementations.PALLAS_TPU] = functools.partial(
+      attention_pallas_tpu.attention, interpret=interpret, **options)
+  run = implementations.select("attention", name, table, interpret=interpret,
+                               tpu_default=TPU_DEFAULT["attention"])
   # Under a ('fsdp', 'tp') mesh each shard runs `run` in shard_map.
   return attention_sharding.attention(run, q, k, v, mask=mask,
                                       segment_ids=segment_ids)
@@ -189,11 +206,12 @@ def ple_lookup(per_layer_table, tokens, *, num_layers, per_layer_dim,
     return ple_reference.ple_lookup(per_layer_table, tokens,
                                     num_layers=num_layers,
                                     per_layer_dim=per_layer_dim)
-  if name == implementations.PALLAS_TPU:
-    def gather_rows(table, ids):
-      return ple_pallas.gather_rows(table, ids, interpret=interpret)
-  else:
-    gather_rows = ple_xla.gather_rows
+  gather_rows = implementations.select(
+      "ple_lookup", name,
+      {implementations.PALLAS_TPU: functools.partial(
+          ple_pallas.gather_rows, interpret=interpret),
+       implementations.XLA: ple_xla.gather_rows},
+      interpret=interpret, tpu_default=TPU_DEFAULT["ple_lookup"])
   if mesh is not None:
     return ple_sharded.sharded_lookup(
         per_layer_table, tokens, num_layers=num_layers,
@@ -233,10 +251,11 @@ def per_layer_inputs(embeddings, tokens, per_layer_table, model_projection,
   _check_ple_args(per_layer_table, tokens, num_layers=num_layers,
                   per_layer_dim=per_layer_dim, mesh=mesh,
                   table_spec=table_spec)
+  name = implementation
   if not isinstance(per_layer_table, ple_host.HostTable):
-    implementation = implementations.resolve(
+    name = implementations.resolve(
         "per_layer_inputs", implementation, _PLE, interpret=interpret)
-  if implementation == implementations.REFERENCE:
+  if name == implementations.REFERENCE:
     return ple_reference.per_layer_inputs(
         embeddings, tokens, per_layer_table, model_projection,
         projection_norm_scale, num_layers=num_layers,
@@ -360,29 +379,36 @@ def lora_matmul(x, w, a, b, *, scale, adapter_ids=None, w_scale=None,
   lora_common.check_lora_matmul_args(x, w, a, b, scale=scale,
                                      adapter_ids=adapter_ids,
                                      w_scale=w_scale)
-  name = implementations.resolve("lora_matmul", implementation,
-                                 AVAILABLE["lora_matmul"], interpret=interpret)
-  if name == implementations.PALLAS_TPU and x.dtype not in (
-      lora_common.KERNEL_DTYPES):
-    raise TypeError(f"lora_matmul: the Pallas kernel takes float32 or "
-                    f"bfloat16 x, got {x.dtype}")
+  name = _lora_implementation("lora_matmul", implementation, x.dtype,
+                              interpret)
   lead, (k, n) = x.shape[:-1], w.shape
   x2 = x.reshape(-1, k)
   ids = None if adapter_ids is None else adapter_ids.reshape(-1)
 
+  def reference(x2, w, a, b, w_scale, ids):
+    if w_scale is not None:
+      w = w.astype(jnp.float32) * w_scale
+    return lora_reference.lora_matmul(x2, w, a, b, scale=scale,
+                                      adapter_ids=ids)
+
+  def xla(x2, w, a, b, w_scale, ids):
+    return lora_xla.lora_matmul(x2, w, a, b, scale=scale, adapter_ids=ids,
+                                w_scale=w_scale)
+
+  def pallas(x2, w, a, b, w_scale, ids):
+    return lora_pallas.lora_matmul(x2, w, a, b, scale=scale, adapter_ids=ids,
+                                   w_scale=w_scale, interpret=interpret)
+
+  run = implementations.select(
+      "lora_matmul", name, {implementations.REFERENCE: reference,
+                            implementations.XLA: xla,
+                            implementations.PALLAS_TPU: pallas},
+      interpret=interpret, tpu_default=TPU_DEFAULT["lora_matmul"])
+
   def local(x2, w, a, b, w_scale, ids):
     if w_scale is not None:  # [1, N] per shard (w's rank for the layout)
       w_scale = w_scale.reshape(-1)
-    if name == implementations.REFERENCE:
-      if w_scale is not None:
-        w = w.astype(jnp.float32) * w_scale
-      return lora_reference.lora_matmul(x2, w, a, b, scale=scale,
-                                        adapter_ids=ids)
-    if name == implementations.XLA:
-      return lora_xla.lora_matmul(x2, w, a, b, scale=scale, adapter_ids=ids,
-                                  w_scale=w_scale)
-    return lora_pallas.lora_matmul(x2, w, a, b, scale=scale, adapter_ids=ids,
-                                   w_scale=w_scale, interpret=interpret)
+    return run(x2, w, a, b, w_scale, ids)
 
   if mesh is None:
     out = local(x2, w, a, b, w_scale, ids)
@@ -393,6 +419,19 @@ def lora_matmul(x, w, a, b, *, scale, adapter_ids=None, w_scale=None,
         w_scale=None if w_scale is None else w_scale.reshape(1, n),
         adapter_ids=ids)
   return out.reshape(*lead, n)
+
+
+def _lora_implementation(op, implementation, dtype, interpret):
+  """`resolve`'s answer for a LoRA op on `dtype`: the kernel takes float32
+  and bfloat16 only, so other dtypes run the XLA version by default."""
+  name = implementations.resolve(op, implementation, AVAILABLE["lora_matmul"],
+                                 interpret=interpret)
+  if dtype in lora_common.KERNEL_DTYPES:
+    return name
+  if name == implementations.PALLAS_TPU:
+    raise TypeError(f"{op}: the Pallas kernel takes float32 or bfloat16 x, "
+                    f"got {dtype}")
+  return implementations.XLA if name == implementations.BY_PLATFORM else name
 
 
 def _check_w_axes(op_name, w_axes, ndim):
@@ -459,27 +498,35 @@ def lora_einsum(equation, x, w, lora_a, lora_b, *, scale, w_scale=None,
       jax.ShapeDtypeStruct((plan.k, rank), lora_a.dtype),
       jax.ShapeDtypeStruct((rank, plan.n), lora_b.dtype), scale=scale,
       adapter_ids=None, w_scale=scale_2d)
-  name = implementations.resolve("lora_matmul", implementation,
-                                 AVAILABLE["lora_matmul"], interpret=interpret)
-  if name == implementations.PALLAS_TPU and x.dtype not in (
-      lora_common.KERNEL_DTYPES):
-    raise TypeError(f"lora_einsum: the Pallas kernel takes float32 or "
-                    f"bfloat16 x, got {x.dtype}")
+  name = _lora_implementation("lora_einsum", implementation, x.dtype,
+                              interpret)
 
-  def local(x, w, lora_a, lora_b, w_scale, adapter_ids):
-    del adapter_ids  # lora_einsum runs one adapter
-    if name == implementations.REFERENCE:
-      if w_scale is not None:
-        w = w.astype(jnp.float32) * w_scale
-      return lora_reference.lora_einsum(equation, x, w, lora_a, lora_b,
-                                        scale=scale)
+  def reference(x, w, lora_a, lora_b, w_scale):
+    if w_scale is not None:
+      w = w.astype(jnp.float32) * w_scale
+    return lora_reference.lora_einsum(equation, x, w, lora_a, lora_b,
+                                      scale=scale)
+
+  def xla(x, w, lora_a, lora_b, w_scale):
     local_plan = lora_einsum_lib.plan(equation, x.shape, w.shape)
-    if name == implementations.XLA:
-      return lora_einsum_lib.run_xla(local_plan, equation, x, w, lora_a,
-                                     lora_b, scale=scale, w_scale=w_scale)
+    return lora_einsum_lib.run_xla(local_plan, equation, x, w, lora_a,
+                                   lora_b, scale=scale, w_scale=w_scale)
+
+  def pallas(x, w, lora_a, lora_b, w_scale):
+    local_plan = lora_einsum_lib.plan(equation, x.shape, w.shape)
     return lora_einsum_lib.run_pallas(local_plan, x, w, lora_a, lora_b,
                                       scale=scale, w_scale=w_scale,
                                       interpret=interpret)
+
+  run = implementations.select(
+      "lora_einsum", name, {implementations.REFERENCE: reference,
+                            implementations.XLA: xla,
+                            implementations.PALLAS_TPU: pallas},
+      interpret=interpret, tpu_default=TPU_DEFAULT["lora_matmul"])
+
+  def local(x, w, lora_a, lora_b, w_scale, adapter_ids):
+    del adapter_ids  # lora_einsum runs one adapter
+    return run(x, w, lora_a, lora_b, w_scale)
 
   if mesh is None:
     return local(x, w, lora_a, lora_b, w_scale, None)
@@ -537,19 +584,39 @@ def softcapped_cross_entropy(hidden, embedding, targets, weights, *,
                                  _LOSS, interpret=interpret)
   targets = targets.astype(jnp.int32)
   weights = weights.astype(jnp.float32)
-  if name == implementations.REFERENCE:
+  if (block_sizes is not None and name != implementations.BY_PLATFORM and
+      not isinstance(block_sizes, _LOSS_MODULES.get(name, ()))):
+    want = _LOSS_MODULES.get(name)
+    raise TypeError(f"block_sizes must be a "
+                    f"{want.__module__ if want else 'no'}.BlockSizes for "
+                    f"implementation {name!r}, got {block_sizes!r}")
+
+  def reference(hidden, embedding, targets, weights):
     nll = loss_reference.token_nll(hidden, embedding, targets,
                                    softcap=softcap)
     return jnp.sum(weights * nll), jnp.sum(weights)
-  module = loss_pallas if name == implementations.PALLAS_TPU else loss_xla
-  if block_sizes is None:
-    block_sizes = module.BlockSizes.get_default()
-  elif not isinstance(block_sizes, module.BlockSizes):
-    raise TypeError(f"block_sizes must be a {module.__name__}.BlockSizes for "
-                    f"implementation {name!r}, got {block_sizes!r}")
-  return loss_fused.loss_sums(
-      hidden, embedding, targets, weights, softcap=softcap,
-      passes=module.passes(block_sizes, interpret=interpret), mesh=mesh)
+
+  def fused(module):
+    # Under BY_PLATFORM, given block sizes go to the implementation they
+    # belong to; the other one takes its defaults.
+    sizes = (block_sizes if isinstance(block_sizes, module.BlockSizes)
+             else module.BlockSizes.get_default())
+    passes = module.passes(sizes, interpret=interpret)
+    return lambda h, e, t, w: loss_fused.loss_sums(
+        h, e, t, w, softcap=softcap, passes=passes, mesh=mesh)
+
+  run = implementations.select(
+      "softcapped_cross_entropy", name,
+      {implementations.REFERENCE: reference,
+       implementations.XLA: fused(loss_xla),
+       implementations.PALLAS_TPU: fused(loss_pallas)},
+      interpret=interpret,
+      tpu_default=TPU_DEFAULT["softcapped_cross_entropy"])
+  return run(hidden, embedding, targets, weights)
+
+
+_LOSS_MODULES = {implementations.PALLAS_TPU: loss_pallas.BlockSizes,
+                 implementations.XLA: loss_xla.BlockSizes}
 
 
 def _check_loss_args(hidden, embedding, targets, weights, softcap):

@@ -77,8 +77,9 @@ def apply(*, attention: bool = True, ple: bool | str = True, lora: bool = True,
     loss: compute PeftTrainer's default loss on Gemma 4 with
       `gemma4_jax.ops.softcapped_cross_entropy` (no logits materialized).
       reported as not available.
-    implementation: passed to every op the patches call: None (Pallas on
-      TPU, XLA elsewhere, `GEMMA4_JAX_IMPLEMENTATION` overrides), "xla",
+    implementation: passed to every op the patches call: None (each op's
+      TPU default when the model is lowered for TPU, from a CPU host too;
+      XLA elsewhere; `GEMMA4_JAX_IMPLEMENTATION` overrides), "xla",
       "reference" or "pallas_tpu".
     interpret: run Pallas kernels in interpret mode, so that
       `implementation="pallas_tpu"` runs on CPU (for tests; slow).
@@ -91,7 +92,6 @@ def apply(*, attention: bool = True, ple: bool | str = True, lora: bool = True,
       str or None.
     ValueError: `ple` is not True, False or "host"; `implementation` is not
       a known name or the op lacks it.
-    RuntimeError: `implementation` names one that cannot run here.
     TargetChangedError: a target changed; nothing was patched.
   """
   if not (isinstance(ple, bool) or ple == PLE_HOST):
@@ -202,5 +202,7 @@ def _resolve_implementation(implementation, interpret: bool, op: str) -> str:
     raise TypeError(f"implementation must be a str or None, got "
                     f"{type(implementation).__name__}")
   # What the first patched op runs with (attention's, unless only ple is on).
-  return implementations.resolve(op, implementation, ops.AVAILABLE[op],
-                                 interpret=interpret)
+  return implementations.describe(
+      implementations.resolve(op, implementation, ops.AVAILABLE[op],
+                              interpret=interpret),
+      tpu_default=ops.TPU_DEFAULT[op])

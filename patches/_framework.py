@@ -124,8 +124,8 @@ class PatchReport:
   Attributes:
     targets: one entry per feature flag, in flag order.
     implementation: the `implementation` passed to `apply()`.
-    resolved_implementation: what `gemma4_jax.ops.attention` runs with here
-      for that choice (None resolves per call: Pallas on TPU, XLA elsewhere).
+    resolved_implementation: what `gemma4_jax.ops.attention` runs with for
+      that choice, e.g. "pallas_tpu on TPU, xla elsewhere" for None.
     tunix_version, qwix_version: installed versions (None if not installed).
   """
   targets: tuple[TargetReport, ...]

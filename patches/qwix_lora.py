@@ -197,6 +197,7 @@ def _routable(provider, qwix, op_name, lhs, rhs, options, kwargs,
   name = implementations.resolve("lora_matmul", options.implementation,
                                  ops.AVAILABLE["lora_matmul"],
                                  interpret=options.interpret)
+  # A forced kernel cannot take this dtype (the default runs XLA for it).
   if name == implementations.PALLAS_TPU and jnp.dtype(dtype) not in (
       common.KERNEL_DTYPES):
     return False

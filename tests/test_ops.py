@@ -17,14 +17,28 @@ def _qkv(b=2, t=5, n=4, k=1, h=8, s=None, dtype=jnp.float32):
           jax.random.normal(keys[2], (b, s, k, h), dtype))
 
 
-def test_default_on_cpu_is_xla_and_env_var_overrides(monkeypatch):
-  assert implementations.resolve("attention", None, ("xla", "reference")) == "xla"
+def test_default_is_decided_by_the_platform_lowered_for(monkeypatch):
+  assert implementations.resolve("attention", None, ("pallas_tpu", "xla")) == (
+      implementations.BY_PLATFORM)
+  # interpret=True runs the kernel on any platform.
+  assert implementations.resolve("attention", None, ("pallas_tpu", "xla"),
+                                 interpret=True) == "pallas_tpu"
   monkeypatch.setenv(implementations.ENV_VAR, "reference")
   assert implementations.resolve("attention", None,
                                  ("xla", "reference")) == "reference"
   monkeypatch.setenv(implementations.ENV_VAR, "triton")
-  with pytest.raises(ValueError, match="unknown implementation 'triton'"):
+  with pytest.raises(ValueError, match=r"unknown \$GEMMA4_JAX_IMPLEMENTATION "
+                     "'triton'"):
     ops.attention(*_qkv())
+
+
+def test_default_on_cpu_runs_the_xla_version():
+  q, k, v = _qkv(t=9, s=12)
+  default = jax.jit(lambda *a: ops.attention(*a, sliding_window=4))
+  assert "tpu_custom_call" not in default.lower(q, k, v).as_text()
+  np.testing.assert_array_equal(
+      default(q, k, v), ops.attention(q, k, v, sliding_window=4,
+                                      implementation="xla"))
 
 
 def test_unknown_implementation_is_a_value_error():
@@ -32,19 +46,18 @@ def test_unknown_implementation_is_a_value_error():
     ops.attention(*_qkv(), implementation="flash")
 
 
-def test_pallas_attention_off_tpu_needs_interpret():
+@pytest.mark.parametrize("jit", [False, True])
+def test_forced_pallas_off_tpu_raises_naming_the_op(jit):
   # Naming an implementation that cannot run never falls back silently.
-  with pytest.raises(RuntimeError, match="cannot run on backend 'cpu'"):
-    ops.attention(*_qkv(), implementation="pallas_tpu")
+  run = lambda q, k, v: ops.attention(q, k, v, implementation="pallas_tpu")
+  with pytest.raises(RuntimeError, match="attention: implementation "
+                     "'pallas_tpu' can only be lowered for TPU.*interpret=True"):
+    (jax.jit(run) if jit else run)(*_qkv())
+  # Its gradient is traced (the error comes when lowering, not before).
+  grad = jax.grad(lambda q, k, v: run(q, k, v).sum())
+  with pytest.raises(RuntimeError, match="can only be lowered for TPU"):
+    jax.jit(grad)(*_qkv())
   assert ops.AVAILABLE["attention"][0] == "pallas_tpu"
-
-
-def test_explicit_pallas_without_tpu_raises():
-  with pytest.raises(RuntimeError, match="cannot run on backend 'cpu'"):
-    implementations.resolve("op", "pallas_tpu", ("pallas_tpu", "xla"))
-  assert implementations.resolve("op", "pallas_tpu", ("pallas_tpu", "xla"),
-                                 interpret=True) == "pallas_tpu"
-  assert implementations.resolve("op", None, ("pallas_tpu", "xla")) == "xla"
 
 
 def test_implementations_agree_under_jit():

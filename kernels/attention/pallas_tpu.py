@@ -255,12 +255,15 @@ def _attention(q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids,
 def _attention_fwd(q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids,
                    static):
   out, lse = _forward(q, k, v, fwd_entries, mask, q_ids, kv_ids, static)
+  # The kernel writes the logsumexp broadcast over 128 lanes; the residual
+  # kept until the backward pass (in a model: one per layer) is one lane.
   return out, (q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids, out,
-               lse)
+               lse[..., 0])
 
 
 def _attention_bwd(static, residuals, d_out):
   q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids, out, lse = residuals
+  lse = jnp.broadcast_to(lse[..., None], (*lse.shape, NUM_LANES))
   di = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
   di = jnp.broadcast_to(di[..., None], lse.shape)
   dq = _backward_dq(q, k, v, d_out, lse, di, fwd_entries, mask, q_ids, kv_ids,

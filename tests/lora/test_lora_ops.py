@@ -69,7 +69,8 @@ def test_default_on_cpu_is_xla_and_interpret_selects_pallas():
   for kwargs in ({}, {"interpret": True}, {"implementation": "reference"}):
     testing.assert_close(ops.lora_matmul(x, w, a, b, scale=0.5, **kwargs),
                          expected)
-  with pytest.raises(RuntimeError, match="cannot run on backend 'cpu'"):
+  with pytest.raises(RuntimeError, match="lora_matmul: implementation "
+                     "'pallas_tpu' can only be lowered for TPU"):
     ops.lora_matmul(x, w, a, b, scale=0.5, implementation="pallas_tpu")
 
 
