@@ -74,6 +74,48 @@ def build_parser() -> argparse.ArgumentParser:
                           help="no progress bar")
   perplexity.set_defaults(func=_run_perplexity)
 
+  fit = commands.add_parser(
+      "fit", help="does a Gemma 4 LoRA fine-tune fit on a TPU? (per-chip HBM, "
+      "stock vs patched)",
+      description="Compiles the Gemma 4 LoRA training step (Tunix model, "
+      "qwix LoRA, AdamW, Tunix's default SFT loss and shardings) for "
+      "abstract TPU chips with XLA:TPU on this machine (needs libtpu, no "
+      "TPU) and reports per-chip HBM, stock Tunix vs gemma4_jax.patches. "
+      "A 35-layer E2B compile takes minutes on a small CPU: progress goes "
+      "to stderr; results are cached by program.")
+  fit.add_argument("--model", default="e2b",
+                   choices=["e2b", "e4b", "12b", "31b", "26b-a4b"],
+                   help="Gemma 4 preset (default e2b)")
+  fit.add_argument("--topology", default="v5e:2x2",
+                   help="TPU topology: v5e:2x2 (default, a v5litepod-4), "
+                   "v5e:4x4, v6e:2x2, v5p:2x2x1, ...")
+  fit.add_argument("--batch", type=int, default=4,
+                   help="rows per step (default 4)")
+  fit.add_argument("--seq-len", type=int, default=1024,
+                   help="tokens per row (default 1024)")
+  fit.add_argument("--num-layers", type=int, metavar="N",
+                   help="keep the first N layers for a quick compile "
+                   "(default: all)")
+  fit.add_argument("--lora-rank", type=int, default=16,
+                   help="LoRA rank; alpha is twice it (default 16)")
+  fit.add_argument("--remat", choices=["none", "block", "decoder"],
+                   default="none", help="Tunix RematConfig (default none)")
+  fit.add_argument("--mode", choices=["stock", "patched", "both"],
+                   default="both", help="what to compile (default both)")
+  fit.add_argument("--implementation",
+                   choices=["pallas_tpu", "xla", "reference"],
+                   help="passed to patches.apply (default: Pallas on TPU)")
+  fit.add_argument("--search", action="store_true",
+                   help="find the longest sequence that fits at --batch "
+                   "(doubling from --seq-len, then bisecting to a multiple "
+                   "of 1024)")
+  fit.add_argument("--json", action="store_true",
+                   help="print one JSON object {stock: ..., patched: ...}")
+  fit.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the result cache "
+                   "($GEMMA4_JAX_CACHE or ~/.cache/gemma4-jax)")
+  fit.set_defaults(func=_run_fit)
+
   doctor = commands.add_parser(
       "doctor", help="what runs here: devices, versions, patches, kernels")
   doctor.set_defaults(func=_run_doctor)
@@ -97,6 +139,11 @@ def _run_perplexity(args) -> int:
     print(f"gemma4-jax perplexity: error: {e}", file=sys.stderr)
     return 2
   return 0
+
+
+def _run_fit(args) -> int:
+  from gemma4_jax import fit  # pylint: disable=g-import-not-at-top
+  return fit.main(args)
 
 
 def _run_doctor(args) -> int:
