@@ -1,11 +1,29 @@
 """PLE row gather as a Pallas TPU kernel.
 
-The table never leaves HBM (`memory_space=pl.ANY`); the token ids arrive by
-scalar prefetch, and each grid step copies the rows of `block_tokens` tokens
-straight from HBM into its output block with `in_flight` DMAs outstanding,
-which the pipeline then writes back. The table is read in its own layout:
-`[V, L*P]` rows (Tunix main) or `[V, L, P]` slabs (google-tunix 0.1.7), so no
-relayout of the table is ever materialized.
+The table never leaves HBM (`memory_space=pl.ANY`) and is read in the layout
+XLA:TPU gives a parameter of its shape, so no relayout of the table (a copy
+of gigabytes) is ever materialized. The ids arrive by scalar prefetch; each
+grid step fills the output block of `block_tokens` tokens with `in_flight`
+DMAs outstanding. XLA tiles an HBM array's two minor dimensions by
+`(ROW_TILE, 128)` (bf16 packs two rows per 32-bit word inside the tile), and
+Mosaic only slices a tiled dimension at tile-aligned offsets, which decides
+the kernel:
+
+- rows on an untiled dimension (`[V, L, P]` with `L % ROW_TILE == 0`: XLA
+  lays it out row-major) -> one DMA per row, straight into the output block;
+- rows on a tiled dimension (`[V, L*P]`, Tunix main; and `[V, L, P]` with
+  `L % ROW_TILE != 0`, google-tunix 0.1.7 at L=35, which XLA lays out
+  L-major, `{2,0,1}`, so that L is not padded) -> one DMA per row of the
+  whole `ROW_TILE`-row tile holding it into VMEM, then the row is picked with
+  32-bit word loads and shifts. The kernel reads the table through the
+  row-major view that is a bitcast of that layout (`[1, V, W]`, `[L, V, P]`).
+
+A whole-tile DMA reads `ROW_TILE` times the row's bytes (8x at any dtype):
+at E2B 4096 tokens read 587 MB of table for 73 MB of rows: 660 MB of HBM
+traffic, where a gather that is not held to Mosaic's tile alignment (XLA's)
+needs 147 MB (rows in, rows out) to 220 MB (bf16 rows in pairs, as they
+share 32-bit words). By that roofline the XLA gather is the better default
+on both Tunix layouts; this kernel runs when it is asked for.
 """
 
 from __future__ import annotations
@@ -23,6 +41,12 @@ import jax.numpy as jnp
 # Rows per sublane tile: a block's token count is a multiple of it for every
 # dtype up to 8-bit packing.
 NUM_SUBLANES_PACKED = 32
+# Rows of XLA:TPU's HBM tile `T(8,128)` for 32-, 16- and 8-bit arrays (the
+# packed dtypes add a sub-tile inside it, `(2,1)` for bf16).
+ROW_TILE = 8
+# Unsigned word the tile kernel moves rows in: Mosaic loads and stores one
+# 32-bit sublane at a dynamic offset, but not one packed 16-bit row.
+_WORD_BITS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +54,8 @@ class BlockSizes:
   """Tokens per grid step and DMAs kept outstanding while copying them.
 
   At E2B (`L*P = 8960` bf16) 128 tokens make a 2.3 MB output block, 4.6 MB
-  double-buffered: inside v5e's default 16 MB scoped VMEM.
+  double-buffered, plus 8 in-flight tiles of 143 KB when rows are tiled:
+  inside v5e's default 16 MB scoped VMEM.
   """
   block_tokens: int = 128
   in_flight: int = 8
@@ -52,7 +77,9 @@ def gather_rows(table, ids, *, block_sizes: BlockSizes | None = None,
   """`table[ids]` for in-range ids, as a Pallas TPU kernel.
 
   Args:
-    table: `[V, W]` or `[V, L, P]`, any dtype; stays in HBM.
+    table: `[V, W]` or `[V, L, P]`, any dtype of at most 32 bits on TPU; stays
+      in HBM. Read in place when `V % ROW_TILE == 0` (Gemma's vocab), else
+      padded to a whole tile first (a copy).
     ids: int32 `[N]`, every id in `[0, V)` (callers map the rest to 0; an
       out-of-range id here reads out of bounds).
     block_sizes: tile sizes; `BlockSizes.get_default()` if None.
@@ -61,7 +88,15 @@ def gather_rows(table, ids, *, block_sizes: BlockSizes | None = None,
   Returns:
     `[N, *table.shape[1:]]` in the table's dtype. Differentiable in `table`
     (the cotangent is scattered back, for full fine-tuning).
+
+  Raises:
+    ValueError: `table` is not 2-D or 3-D, or `ids` is not 1-D.
   """
+  if table.ndim not in (2, 3):
+    raise ValueError(f"table must be [V, W] or [V, L, P], got shape "
+                     f"{table.shape}")
+  if ids.ndim != 1:
+    raise ValueError(f"ids must be [N], got shape {ids.shape}")
   block_sizes = block_sizes or BlockSizes.get_default()
   return _gather(table, ids, block_sizes, interpret)
 
@@ -86,6 +121,13 @@ def _gather_bwd(block_sizes, interpret, residuals, d_rows):
 _gather.defvjp(_gather_fwd, _gather_bwd)
 
 
+def rows_tiled(shape) -> bool:
+  """Whether XLA:TPU tiles the vocab dimension of a table of `shape` in HBM
+  (so a row cannot be sliced out by DMA). XLA lays `[V, L, P]` out L-major
+  (`{2,0,1}`) unless `L` fills whole tiles."""
+  return len(shape) == 2 or shape[1] % ROW_TILE != 0
+
+
 def _gather_forward(table, ids, block_sizes, interpret):
   num_tokens = ids.shape[0]
   block_tokens = min(block_sizes.block_tokens,
@@ -93,20 +135,29 @@ def _gather_forward(table, ids, block_sizes, interpret):
                      * NUM_SUBLANES_PACKED)
   padded = pl.cdiv(num_tokens, block_tokens) * block_tokens
   ids = jnp.pad(ids.astype(jnp.int32), (0, padded - num_tokens))
-  row_shape = table.shape[1:]
-  zeros = (0,) * len(row_shape)
   in_flight = min(block_sizes.in_flight, block_tokens)
-  kernel = functools.partial(_gather_kernel, block_tokens=block_tokens,
-                             in_flight=in_flight)
+  if rows_tiled(table.shape):
+    rows = _gather_tiles(table, ids, block_tokens, in_flight, interpret)
+  else:
+    rows = _gather_slabs(table, ids, block_tokens, in_flight, interpret)
+  return rows[:num_tokens]
+
+
+def _gather_slabs(table, ids, block_tokens, in_flight, interpret):
+  """`[V, L, P]` laid out row-major: each row is one contiguous slab."""
+  padded = ids.shape[0]
+  row_shape = table.shape[1:]
   row_bytes = table.dtype.itemsize * math.prod(row_shape)
-  rows = pl.pallas_call(
+  kernel = functools.partial(_slab_kernel, block_tokens=block_tokens,
+                             in_flight=in_flight)
+  return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,
           grid=(padded // block_tokens,),
           in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
           out_specs=pl.BlockSpec((block_tokens, *row_shape),
-                                 lambda i, ids_ref: (i, *zeros)),
+                                 lambda i, ids_ref: (i, 0, 0)),
           scratch_shapes=[pltpu.SemaphoreType.DMA((in_flight,))],
       ),
       out_shape=jax.ShapeDtypeStruct((padded, *row_shape), table.dtype),
@@ -116,17 +167,57 @@ def _gather_forward(table, ids, block_sizes, interpret):
                                     bytes_accessed=2 * padded * row_bytes),
       interpret=interpret,
   )(ids, table)
-  return rows[:num_tokens]
 
 
-def _gather_kernel(ids_ref, table_hbm_ref, rows_ref, copy_sems, *,
-                   block_tokens: int, in_flight: int):
+def _gather_tiles(table, ids, block_tokens, in_flight, interpret):
+  """Tables whose vocab dimension XLA tiles: whole tiles in, rows picked."""
+  padded = ids.shape[0]
+  vocab = table.shape[0]
+  if vocab % ROW_TILE:
+    # Only small tables (tests) get here: Gemma's vocab fills whole tiles.
+    table = jnp.pad(table, ((0, -vocab % ROW_TILE),)
+                    + ((0, 0),) * (table.ndim - 1))
+  # The row-major views that are bitcasts of XLA's layout: [planes, V, W].
+  view = table[None] if table.ndim == 2 else jnp.transpose(table, (1, 0, 2))
+  planes, _, width = view.shape
+  bits = 8 * table.dtype.itemsize
+  word = jnp.dtype(f"uint{max(_WORD_BITS, bits)}")
+  packing = max(_WORD_BITS, bits) // bits
+  kernel = functools.partial(_tile_kernel, block_tokens=block_tokens,
+                             in_flight=in_flight, packing=packing, word=word,
+                             bits=bits)
+  row_bytes = table.dtype.itemsize * planes * width
+  rows = pl.pallas_call(
+      kernel,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,
+          grid=(padded // block_tokens,),
+          in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
+          out_specs=pl.BlockSpec((planes, block_tokens, width),
+                                 lambda i, ids_ref: (0, i, 0)),
+          scratch_shapes=[
+              pltpu.VMEM((in_flight, planes, ROW_TILE, width), table.dtype),
+              pltpu.SemaphoreType.DMA((in_flight,))],
+      ),
+      out_shape=jax.ShapeDtypeStruct((planes, padded, width), table.dtype),
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel",)),
+      cost_estimate=pl.CostEstimate(
+          flops=0, transcendentals=0,
+          bytes_accessed=(ROW_TILE + 1) * padded * row_bytes),
+      interpret=interpret,
+  )(ids, view)
+  return rows[0] if table.ndim == 2 else jnp.transpose(rows, (1, 0, 2))
+
+
+def _slab_kernel(ids_ref, table_hbm_ref, rows_ref, copy_sems, *,
+                 block_tokens: int, in_flight: int):
   first = pl.program_id(0) * block_tokens
 
   def copy(j):
     return pltpu.make_async_copy(
         table_hbm_ref.at[pl.ds(ids_ref[first + j], 1)],
-        rows_ref.at[pl.ds(j, 1)], copy_sems.at[j % in_flight])
+        rows_ref.at[pl.ds(j, 1)], copy_sems.at[lax.rem(j, in_flight)])
 
   def start(j, carry):
     # Reuse a semaphore only once the copy that last signalled it is done.
@@ -143,3 +234,73 @@ def _gather_kernel(ids_ref, table_hbm_ref, rows_ref, copy_sems, *,
 
   lax.fori_loop(0, block_tokens, start, None)
   lax.fori_loop(block_tokens - in_flight, block_tokens, finish, None)
+
+
+def _tile_kernel(ids_ref, table_hbm_ref, rows_ref, tiles_ref, copy_sems, *,
+                 block_tokens: int, in_flight: int, packing: int, word,
+                 bits: int):
+  # table_hbm_ref [planes, V, W]; rows_ref [planes, block_tokens, W];
+  # tiles_ref [in_flight, planes, ROW_TILE, W]. Token j's tile sits in slot
+  # j % in_flight. `packing` rows share a word (rows 2k, 2k+1 of bf16: the
+  # low half is row 2k), in the tile as in the output block.
+  first = pl.program_id(0) * block_tokens
+  tile_words = tiles_ref.bitcast(word)  # [in_flight, planes, ROW_TILE/p, W]
+  planes, _, width = rows_ref.shape
+  # The output is stored a full 32-bit tile at a time, ROW_TILE words of
+  # `packing` rows: Mosaic stores a packed dtype's block at a dynamic row
+  # offset only if it is a multiple of its VMEM tile (8/16/32 rows for
+  # 32/16/8 bits), and the interpreter cannot store through a bitcast ref.
+  group_rows = ROW_TILE * packing
+  group_shape = (planes, ROW_TILE, width)
+  word_index = lax.broadcasted_iota(jnp.int32, group_shape, 1)
+  mask = word.type((1 << bits) - 1)
+
+  def copy(j):
+    # lax.div/rem, not // and %: ids are non-negative, and Python's floor
+    # semantics would lower through `sign`, which asks for the TPU's
+    # generation at trace time (unknown when compiling from a CPU host).
+    tile_start = lax.div(ids_ref[first + j], ROW_TILE) * ROW_TILE
+    slot = lax.rem(j, in_flight)
+    return pltpu.make_async_copy(
+        table_hbm_ref.at[:, pl.ds(pl.multiple_of(tile_start, ROW_TILE),
+                                  ROW_TILE)],
+        tiles_ref.at[slot], copy_sems.at[slot])
+
+  def start(j, carry):
+    copy(j).start()
+    return carry
+
+  def row_word(j, k):
+    """Token j's row, shifted into its place k in the output's word."""
+    copy(j).wait()
+    within = lax.rem(ids_ref[first + j], ROW_TILE)
+    # One 32-bit sublane at a dynamic offset: Mosaic cannot load a single
+    # packed row, and its shifts are cheap next to the tile's DMA.
+    value = tile_words[lax.rem(j, in_flight), :,
+                       pl.ds(lax.div(within, packing), 1), :]
+    if packing > 1:
+      shift = (lax.rem(within, packing) * bits).astype(word)
+      value = ((value >> shift) & mask) << word.type(k * bits)
+
+    # The tile's word is in registers: refill the slot for token j+in_flight.
+    @pl.when(j + in_flight < block_tokens)
+    def _():
+      copy(j + in_flight).start()
+
+    return value
+
+  def fill_group(g, carry):
+    first_row = g * group_rows
+    group = jnp.zeros(group_shape, word)
+    for w in range(ROW_TILE):
+      value = row_word(first_row + w * packing, 0)
+      for k in range(1, packing):
+        value = value | row_word(first_row + w * packing + k, k)
+      group = jnp.where(word_index == w,
+                        jnp.broadcast_to(value, group_shape), group)
+    rows_ref[:, pl.ds(pl.multiple_of(first_row, group_rows), group_rows),
+             :] = pltpu.bitcast(group, rows_ref.dtype)
+    return carry
+
+  lax.fori_loop(0, in_flight, start, None)
+  lax.fori_loop(0, block_tokens // group_rows, fill_group, None)
