@@ -1,0 +1,130 @@
+"""`ops.attention` compiled for abstract TPU chips, through XLA:TPU and Mosaic.
+
+With `implementation=None` and the program lowered for TPU from this CPU
+host, the op must pick its Pallas kernels (forward, dq, dk/dv), Mosaic must
+accept them (tiling, VMEM), and the per-chip HBM temporaries of forward +
+backward must stay at most those of the stock formulation (Tunix's: full
+`[B, N, T, S]` logits and probabilities) and of our XLA version compiled the
+same way, the latter with a stated slack (see `_KERNEL_LAYOUT_SLACK`).
+Shapes are Gemma 4's as the Tunix patch calls the op: bf16, scale 1.0,
+causal=False with causality and padding in a `[B, T, S]` mask.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from gemma4_jax import ops
+from gemma4_jax import testing
+
+pytestmark = pytest.mark.skipif(testing.libtpu_missing() is not None,
+                                reason=str(testing.libtpu_missing()))
+
+MiB = 2**20
+
+# (name, on the v5e:2x2 mesh, batch per fsdp shard, T, N, K, head_dim,
+# sliding_window). Each case compiles three programs (about 10-30 s on 2
+# cores), so the mesh takes the E2B cases and one chip the rest.
+CONFIGS = [
+    ("e2b_local_T1000", False, 1, 1000, 8, 1, 256, 512),
+    ("e2b_global_T4096", False, 1, 4096, 8, 1, 512, None),
+    ("e4b_global_T2048", False, 1, 2048, 8, 2, 512, None),
+    ("31b_local_T2048", False, 1, 2048, 32, 16, 256, 1024),
+    ("e2b_local_T4096_mesh", True, 1, 4096, 8, 1, 256, 512),
+    ("e2b_global_T1000_mesh", True, 1, 1000, 8, 1, 512, None),
+]
+
+
+def _step(implementation, window):
+  """Forward + backward of the attention the Tunix patch runs."""
+  def loss(q, k, v, valid):
+    t = q.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), bool))
+    mask = causal[None] & valid[:, None, :] & valid[:, :, None]
+    out = ops.attention(q, k, v, mask=mask, causal=False,
+                        sliding_window=window, scale=1.0,
+                        implementation=implementation)
+    return jnp.sum(out.astype(jnp.float32))
+  return jax.grad(loss, argnums=(0, 1, 2))
+
+
+def _stock_step(window):
+  """Tunix 0.1.7's attention: the whole logits tensor, softmax, masked."""
+  def loss(q, k, v, valid):
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32)
+    pos = jnp.arange(t)
+    mask = pos[None, :] <= pos[:, None]
+    if window is not None:
+      mask &= pos[None, :] > pos[:, None] - window
+    mask = mask[None] & valid[:, None, :] & valid[:, :, None]
+    logits = jnp.where(mask[:, None, None], logits, -2.3819763e38)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
+    return jnp.sum(out.astype(jnp.float32))
+  return jax.grad(loss, argnums=(0, 1, 2))
+
+
+def _inputs(batch, q_len, num_heads, num_kv_heads, head_dim, mesh):
+  spec = P("fsdp") if mesh is not None else None
+  q = testing.tpu_struct((batch, q_len, num_heads, head_dim), jnp.bfloat16,
+                         spec, mesh=mesh)
+  kv = testing.tpu_struct((batch, q_len, num_kv_heads, head_dim),
+                          jnp.bfloat16, spec, mesh=mesh)
+  valid = testing.tpu_struct((batch, q_len), jnp.bool_, spec, mesh=mesh)
+  return q, kv, kv, valid
+
+
+def _kernel_layout_slack(batch, q_len, num_heads, head_dim, mesh):
+  """Bytes the kernels' layouts may add over the XLA version, per chip.
+
+  The kernels read q (and d_out) as `[B, K, G, T, H]`, which XLA copies from
+  Tunix's `[B, T, N, H]`, and keep per-row statistics (logsumexp,
+  `rowsum(dO * O)`) as 128-lane float32 tiles, where the XLA version works
+  on `[B, T, N, H]` directly and keeps one lane: one copy of q and one
+  `[B, N, T, 128]` float32 array.
+  """
+  shards = 1 if mesh is None else mesh.shape["fsdp"] * mesh.shape["tp"]
+  rows = batch * q_len * num_heads
+  return (rows * head_dim * 2 + rows * 128 * 4) // shards
+
+
+@pytest.mark.parametrize("name, on_mesh, batch, q_len, num_heads, "
+                         "num_kv_heads, head_dim, window", CONFIGS,
+                         ids=[c[0] for c in CONFIGS])
+def test_default_compiles_with_kernels_and_no_more_hbm(
+    name, on_mesh, batch, q_len, num_heads, num_kv_heads, head_dim, window):
+  del name
+  mesh = testing.tpu_mesh() if on_mesh else None
+  if on_mesh:
+    batch *= mesh.shape["fsdp"]
+  args = _inputs(batch, q_len, num_heads, num_kv_heads, head_dim, mesh)
+  pallas = testing.compile_for_tpu(_step(None, window), *args, mesh=mesh)
+  assert testing.mosaic_kernels(pallas) == 3  # fwd, dq, dk/dv
+  xla = testing.compile_for_tpu(_step("xla", window), *args, mesh=mesh)
+  assert testing.mosaic_kernels(xla) == 0
+  stock = testing.compile_for_tpu(_stock_step(window), *args, mesh=mesh)
+  used = testing.temp_bytes(pallas)
+  assert used <= testing.temp_bytes(stock), (used / MiB,
+                                             testing.temp_bytes(stock) / MiB)
+  slack = _kernel_layout_slack(batch, q_len, num_heads, head_dim, mesh)
+  assert used <= testing.temp_bytes(xla) + slack, (
+      used / MiB, testing.temp_bytes(xla) / MiB, slack / MiB)
+
+
+def test_decode_and_v6e_compile():
+  # One query against an 8192-entry cache (the patched sampler's decode
+  # step), on a v6e chip.
+  v6e = testing.tpu_devices("v6e:2x2")[0]
+  sharding = jax.sharding.SingleDeviceSharding(v6e)
+  q = jax.ShapeDtypeStruct((2, 1, 8, 256), jnp.bfloat16, sharding=sharding)
+  kv = jax.ShapeDtypeStruct((2, 8192, 1, 256), jnp.bfloat16,
+                            sharding=sharding)
+  mask = jax.ShapeDtypeStruct((2, 1, 8192), jnp.bool_, sharding=sharding)
+  compiled = testing.compile_for_tpu(
+      lambda q, k, v, m: ops.attention(q, k, v, mask=m, sliding_window=512,
+                                       scale=1.0), q, kv, kv, mask)
+  assert testing.mosaic_kernels(compiled) == 1
