@@ -64,11 +64,11 @@ HBM_BYTES = {
     "TPU v6 lite": 32 * GIB,   # v6e (Trillium)
     "TPU v5": 95 * GIB,        # v5p
 }
-# Compile time on 2 shared CPU cores (E2B, batch 4 x 1024, jax 0.10.2 with
-# libtpu 0.0.42.1), for the estimate before the first compile on a machine;
-# later estimates use the last measured rate, kept in the cache.
+# Compile seconds per layer on 2 shared CPU cores (E2B, batch 4 x 1024, jax
+# 0.10.2 with libtpu 0.0.42.1), for the estimate before the first compile on
+# a machine; later estimates use the last measured rate, kept in the cache.
 DEFAULT_SECONDS_PER_LAYER = 12.0
-DEFAULT_SECONDS_BASE = 30.0
+RATE_FILE = "seconds_per_layer.json"
 HEARTBEAT_SECONDS = 30.0
 _OOM_PATTERNS = (
     # "... HLO temporaries (17.71G) exceeds available HBM (15.75G)."
@@ -288,7 +288,13 @@ class Session:
             f"{model.num_layers} layers, {self.config.batch} x {seq_len} "
             f"on {self.config.topology}")
     self.say(f"lowering the {what}")
-    lowered = model.lower(mode, seq_len)
+    try:
+      lowered = model.lower(mode, seq_len)
+    except Exception as error:  # pylint: disable=broad-except
+      result = self._result(mode, None, f"lowering failed: {_describe(error)}",
+                            sizes, 0.0)
+      self.say(f"{mode}: {_verdict(result)}")
+      return result
     key = _cache_key(lowered, self.config.topology)
     cached = self._cache_read(key)
     if cached is not None:
@@ -345,20 +351,22 @@ class Session:
     rate = DEFAULT_SECONDS_PER_LAYER
     if self._cache is not None:
       try:
-        rate = json.loads((self._cache / "rate.json").read_text())[
-            "seconds_per_layer_per_1k_tokens"]
+        rate = json.loads((self._cache / RATE_FILE).read_text())[
+            "seconds_per_layer"]
       except (OSError, ValueError, KeyError):
         pass
-    scale = max(1.0, self.config.batch * seq_len / 4096)
-    return DEFAULT_SECONDS_BASE + rate * num_layers * scale
+    return rate * num_layers * self._size_factor(seq_len)
 
   def _record_rate(self, seconds, num_layers, seq_len) -> None:
-    if self._cache is None:
-      return
-    scale = max(1.0, self.config.batch * seq_len / 4096)
-    rate = max(0.0, seconds - DEFAULT_SECONDS_BASE) / num_layers / scale
-    _write_json(self._cache / "rate.json",
-                {"seconds_per_layer_per_1k_tokens": rate})
+    if self._cache is not None:
+      _write_json(self._cache / RATE_FILE, {
+          "seconds_per_layer": seconds / num_layers
+                               / self._size_factor(seq_len)})
+
+  def _size_factor(self, seq_len: int) -> float:
+    # Compile time grows with the tokens per step beyond 4 x 1024 (measured
+    # roughly; the estimate only has to be the right size).
+    return max(1.0, self.config.batch * seq_len / 4096) ** 0.5
 
   def _cache_read(self, key: str) -> dict | None:
     if self._cache is None:
@@ -400,8 +408,11 @@ def _compile_catching(lowered):
   try:
     return lowered.compile(), None
   except Exception as error:  # pylint: disable=broad-except
-    text = str(error)
-    return None, f"{type(error).__name__}: {text}"
+    return None, _describe(error)
+
+
+def _describe(error: Exception) -> str:
+  return f"{type(error).__name__}: {error}"
 
 
 def _parse_oom(error: str) -> tuple[int | None, int | None]:
@@ -529,14 +540,8 @@ def format_report(report: Report) -> str:
       lines.append(f"\n{mode} failed to compile:\n{results[mode].error}")
   if any(r.fits for r in results.values()):
     lines.append("\nfits: XLA:TPU compiled the step within its HBM limit "
-                 "(15.75 GiB of a v5e's 16).")
+                 "(below the chip's HBM: 15.75 GiB of a v5e's 16).")
   return "\n".join(lines)
-
-
-def estimate_seconds(num_layers: int, batch: int, seq_len: int) -> float:
-  """The default compile-time estimate (2 CPU cores), before measurements."""
-  return (DEFAULT_SECONDS_BASE + DEFAULT_SECONDS_PER_LAYER * num_layers
-          * max(1.0, batch * seq_len / 4096))
 
 
 def main(args) -> int:

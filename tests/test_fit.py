@@ -1,0 +1,199 @@
+"""`gemma4-jax fit`: a shortened E2B LoRA step compiled for a v5e:2x2 mesh.
+
+The compiles need libtpu (skipped with the reason without it). Two layers at
+batch 2 x 256 keep the file near 2 minutes on 2 cores; the CLI run reads the
+results the Python run cached.
+"""
+
+import itertools
+import json
+import math
+
+from flax import nnx
+import jax
+import optax
+import pytest
+import qwix
+from tunix.models.gemma4 import model as gemma4_lib
+
+from gemma4_jax import cli
+from gemma4_jax import fit
+from gemma4_jax import fit_model
+from gemma4_jax import testing
+
+NO_TPU = testing.libtpu_missing()
+needs_libtpu = pytest.mark.skipif(NO_TPU is not None, reason=str(NO_TPU))
+SMALL = fit.FitConfig(model="e2b", topology="v5e:2x2", batch=2, seq_len=256,
+                      num_layers=2)
+FIELDS = ("argument_bytes", "temp_bytes", "output_bytes", "total_bytes",
+          "hbm_bytes", "fits", "pallas_kernels")
+# XLA's argument buffers against shapes x shardings: tile padding of the small
+# LoRA and norm tensors.
+ARGUMENT_SLACK = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return tmp_path_factory.mktemp("gemma4_jax_cache")
+
+
+@pytest.fixture(scope="module")
+def report(cache_dir):
+  if NO_TPU is not None:
+    pytest.skip(NO_TPU)
+  return fit.fit(SMALL, cache_dir=cache_dir, progress=lambda message: None)
+
+
+def _expected_argument_bytes(config: fit.FitConfig, mesh) -> int:
+  """Per-chip bytes of the model, LoRA, AdamW state and inputs, from the
+  shapes and the partition specs Tunix and qwix declare."""
+  model_config = fit_model.model_config(config.model,
+                                        num_layers=config.num_layers)
+
+  def build():
+    model = gemma4_lib.Gemma4(model_config, rngs=nnx.Rngs(0))
+    provider = qwix.LoraProvider(module_path=fit_model.LORA_MODULE_PATH,
+                                 rank=config.lora_rank,
+                                 alpha=2.0 * config.lora_rank)
+    model = qwix.apply_lora_to_model(model, provider, rngs=nnx.Rngs(1),
+                                     **model.get_model_input())
+    return model, nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.LoRAParam)
+
+  with mesh:
+    state = nnx.state(nnx.eval_shape(build))
+  total = 0
+  for x, spec in zip(jax.tree.leaves(state),
+                     jax.tree.leaves(nnx.get_partition_spec(state),
+                                     is_leaf=lambda s: isinstance(
+                                         s, jax.sharding.PartitionSpec))):
+    shards = [math.prod(mesh.shape[a] for a in
+                        ((axis,) if isinstance(axis, str) else axis or ()))
+              for axis in tuple(spec) + (None,) * (len(x.shape) - len(spec))]
+    total += math.prod(-(-n // s) for n, s in zip(x.shape, shards)) * (
+        x.dtype.itemsize)
+  tokens_and_mask = 4 + 1  # int32 tokens, bool mask, batch over fsdp
+  return total + (config.batch // mesh.shape["fsdp"]) * config.seq_len * (
+      tokens_and_mask)
+
+
+@needs_libtpu
+def test_fit_reports_both_modes(report):
+  out = report.to_json()
+  assert set(out) == {"stock", "patched"}
+  for mode, result in out.items():
+    for field in FIELDS:
+      assert result[field] is not None, (mode, field)
+    assert result["fits"] is True
+    assert result["error"] is None
+    assert result["hbm_bytes"] == 16 * 1024**3
+    assert (result["model"], result["topology"], result["batch"],
+            result["seq_len"], result["num_layers"]) == (
+                "e2b", "v5e:2x2", 2, 256, 2)
+    assert result["total_bytes"] == (
+        result["argument_bytes"] + result["temp_bytes"]
+        + result["output_bytes"] - result["alias_bytes"]
+        + result["generated_code_bytes"])
+    # The LoRA params and AdamW state are donated: every output but the loss
+    # and the gradient norm is written in place.
+    assert result["output_bytes"] - result["alias_bytes"] < 4096
+  assert out["stock"]["pallas_kernels"] == 0
+
+
+@needs_libtpu
+def test_argument_bytes_match_shapes_and_shardings(report):
+  mesh = testing.tpu_mesh("v5e:2x2")
+  expected = _expected_argument_bytes(SMALL, mesh)
+  for result in report.results.values():
+    parts = result.weight_bytes + result.trainable_bytes + result.input_bytes
+    assert parts == expected
+    assert 0 <= result.argument_bytes - expected <= ARGUMENT_SLACK
+
+
+@needs_libtpu
+def test_patched_needs_fewer_temporaries(report):
+  stock, patched = report.results["stock"], report.results["patched"]
+  # Stock holds the float32 [B, T, 262144] logits (per chip: 1 x 256 x 65536
+  # after fsdp and tp), their log-softmax and gradient; the patched loss
+  # never builds them.
+  logits_per_chip = 1 * 256 * (262144 // 4) * 4
+  assert stock.temp_bytes - patched.temp_bytes > logits_per_chip
+  assert patched.pallas_kernels > 0
+
+
+@needs_libtpu
+def test_cli_json_reads_the_cache(report, cache_dir, monkeypatch, capsys):
+  monkeypatch.setenv("GEMMA4_JAX_CACHE", str(cache_dir))
+  code = cli.main(["fit", "--num-layers", "2", "--batch", "2", "--seq-len",
+                   "256", "--json"])
+  captured = capsys.readouterr()
+  assert code == 0, captured.err
+  out = json.loads(captured.out)
+  for mode, result in out.items():
+    assert result["cached"] is True
+    for field in FIELDS:
+      assert result[field] == getattr(report.results[mode], field)
+  assert "result from the cache" in captured.err
+
+
+@needs_libtpu
+def test_out_of_memory_is_reported_not_raised(tmp_path, monkeypatch, capsys):
+  monkeypatch.setenv("GEMMA4_JAX_CACHE", str(tmp_path))
+  code = cli.main(["fit", "--num-layers", "2", "--batch", "2", "--seq-len",
+                   "32768", "--mode", "stock", "--json"])
+  captured = capsys.readouterr()
+  assert code == 0, captured.err
+  result = json.loads(captured.out)["stock"]
+  assert result["fits"] is False
+  assert result["error"] is None
+  assert result["hbm_limit_bytes"] <= result["hbm_bytes"]
+  assert result["total_bytes"] > result["hbm_limit_bytes"]
+  assert "Traceback" not in captured.err
+
+
+@needs_libtpu
+@pytest.mark.parametrize("argv, message", [
+    (["--topology", "v9z:2x2"], "unknown TPU topology 'v9z:2x2'"),
+    (["--seq-len", "0"], "seq-len must be >= 1"),
+    (["--num-layers", "36"], "num_layers must be in 1..35"),
+])
+def test_bad_arguments_are_errors(argv, message, capsys):
+  assert cli.main(["fit", *argv]) == 2
+  assert message in capsys.readouterr().err
+
+
+def test_unknown_model_is_refused(capsys):
+  with pytest.raises(SystemExit):
+    cli.main(["fit", "--model", "e3b"])
+  assert "invalid choice: 'e3b'" in capsys.readouterr().err
+  with pytest.raises(ValueError, match="unknown model 'e3b'"):
+    fit.FitConfig(model="e3b").validate()
+
+
+@pytest.mark.parametrize("name", sorted(fit_model.PRESETS))
+def test_shortened_models_share_kv_validly(name):
+  full = fit_model.model_config(name)
+  for n in range(1, full.num_layers + 1):
+    config = fit_model.model_config(name, num_layers=n)
+    pattern = config.attention_pattern or gemma4_lib.GEMMA4_ATTENTION_PATTERN
+    kinds = [kind for _, kind in zip(range(n), itertools.cycle(pattern))]
+    sharing = gemma4_lib.create_kv_cache_sharing_patterns(
+        n, config.frac_shared_layers, True, True, tuple(kinds))
+    assert all(kinds[i] == kinds[j] for i, j in enumerate(sharing)), n
+  assert fit_model.model_config(name, num_layers=full.num_layers) == full
+
+
+def test_search_doubles_then_bisects_to_1024():
+  tried = []
+
+  def fits_below(limit):
+    def fits(seq_len):
+      tried.append(seq_len)
+      return seq_len <= limit
+    return fits
+
+  assert fit._largest_fitting(1024, fits_below(5000)) == 4096
+  assert tried == [1024, 2048, 4096, 8192, 6144, 5120]
+  tried.clear()
+  assert fit._largest_fitting(2048, fits_below(1500)) == 1024
+  assert tried == [2048, 1024]
+  assert fit._largest_fitting(1024, fits_below(1000)) is None
