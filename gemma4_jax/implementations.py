@@ -17,7 +17,6 @@ the callable an op runs:
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Callable, Mapping
 

@@ -139,13 +139,6 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
     kv_ids = jnp.broadcast_to(kv_seg[:, None, :],
                               (batch, NUM_SUBLANES, kv_len))
 
-  qt = q.reshape(batch, q_len, num_kv_heads, group, head_dim)
-  qt = jnp.pad(qt.transpose(0, 2, 3, 1, 4),
-               ((0, 0),) * 3 + ((0, padded_q_len - q_len), (0, 0)))
-  kt, vt = (x.transpose(0, 2, 1, 3) for x in (k, v))
-  if kv_len < block_kv:  # a block never exceeds its array
-    kt, vt = (jnp.pad(x, ((0, 0), (0, 0), (0, block_kv - kv_len), (0, 0)))
-              for x in (kt, vt))
   static = tiles.Static(
       q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv,
       group=group, causal=causal, sliding_window=sliding_window,
@@ -158,10 +151,8 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
       segments=segment_ids is not None,
       fwd=tiles.layout(fwd_schedule), dkv=tiles.layout(dkv_schedule),
       interpret=interpret)
-  out = _attention(qt, kt, vt, fwd_schedule.entries, dkv_schedule.entries,
-                   mask_i8, q_ids, kv_ids, static)
-  out = out[:, :, :, :q_len].transpose(0, 3, 1, 2, 4)
-  return out.reshape(batch, q_len, num_heads, head_dim)
+  return _attention(q, k, v, fwd_schedule.entries, dkv_schedule.entries,
+                    mask_i8, q_ids, kv_ids, static)
 
 
 def block_schedules(q_shape, kv_shape, *, mask=None, segment_ids=None,
@@ -246,15 +237,23 @@ def _round_up(x: int, multiple: int) -> int:
   return -(-x // multiple) * multiple
 
 
+# The custom_vjp takes and returns Tunix's [B, T, N, H] layout and keeps its
+# residuals (q, k, v, out) in it: in a model, out is also the next einsum's
+# saved input, so a kernel-layout copy would be a second [B, T, N, H] per
+# layer alive until the backward pass. The kernel layouts are made on the fly
+# in the forward and again in the backward.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def _attention(q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids,
                static):
-  return _forward(q, k, v, fwd_entries, mask, q_ids, kv_ids, static)[0]
+  return _attention_fwd(q, k, v, fwd_entries, dkv_entries, mask, q_ids,
+                        kv_ids, static)[0]
 
 
 def _attention_fwd(q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids,
                    static):
-  out, lse = _forward(q, k, v, fwd_entries, mask, q_ids, kv_ids, static)
+  qt, kt, vt = _to_kernel_layout(q, k, v, static)
+  out, lse = _forward(qt, kt, vt, fwd_entries, mask, q_ids, kv_ids, static)
+  out = _rows_from_kernel(out, static)
   # The kernel writes the logsumexp broadcast over 128 lanes; the residual
   # kept until the backward pass (in a model: one per layer) is one lane.
   return out, (q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids, out,
@@ -263,14 +262,44 @@ def _attention_fwd(q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids,
 
 def _attention_bwd(static, residuals, d_out):
   q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids, out, lse = residuals
+  qt, kt, vt = _to_kernel_layout(q, k, v, static)
   lse = jnp.broadcast_to(lse[..., None], (*lse.shape, NUM_LANES))
-  di = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
-  di = jnp.broadcast_to(di[..., None], lse.shape)
-  dq = _backward_dq(q, k, v, d_out, lse, di, fwd_entries, mask, q_ids, kv_ids,
-                    static)
-  dk, dv = _backward_dkv(q, k, v, d_out, lse, di, dkv_entries, mask, q_ids,
+  di = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1,
+               keepdims=True)  # [B, T, N, 1]
+  di = jnp.broadcast_to(_rows_to_kernel(di, static), lse.shape)
+  d_out = _rows_to_kernel(d_out, static)
+  dq = _backward_dq(qt, kt, vt, d_out, lse, di, fwd_entries, mask, q_ids,
+                    kv_ids, static)
+  dk, dv = _backward_dkv(qt, kt, vt, d_out, lse, di, dkv_entries, mask, q_ids,
                          kv_ids, static)
-  return dq, dk, dv, None, None, None, None, None
+  dk, dv = (x[:, :, :static.kv_len].transpose(0, 2, 1, 3) for x in (dk, dv))
+  return (_rows_from_kernel(dq, static), dk, dv, None, None, None, None,
+          None)
+
+
+def _rows_to_kernel(x, static):
+  """`[B, T, N, H]` -> `[B, K, G, T_padded, H]` (zero rows past T)."""
+  batch, q_len, num_heads, width = x.shape
+  x = x.reshape(batch, q_len, num_heads // static.group, static.group, width)
+  padded = _round_up(q_len, static.block_q)
+  return jnp.pad(x.transpose(0, 2, 3, 1, 4),
+                 ((0, 0),) * 3 + ((0, padded - q_len), (0, 0)))
+
+
+def _rows_from_kernel(x, static):
+  """`[B, K, G, T_padded, H]` -> `[B, T, N, H]`."""
+  batch, num_kv_heads, group, _, width = x.shape
+  x = x[:, :, :, :static.q_len].transpose(0, 3, 1, 2, 4)
+  return x.reshape(batch, static.q_len, num_kv_heads * group, width)
+
+
+def _to_kernel_layout(q, k, v, static):
+  kt, vt = (x.transpose(0, 2, 1, 3) for x in (k, v))
+  if static.kv_len < static.block_kv:  # a block never exceeds its array
+    kt, vt = (jnp.pad(x, ((0, 0), (0, 0), (0, static.block_kv -
+                                           static.kv_len), (0, 0)))
+              for x in (kt, vt))
+  return _rows_to_kernel(q, static), kt, vt
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
