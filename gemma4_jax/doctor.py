@@ -10,6 +10,7 @@ import jax
 from gemma4_jax import implementations
 from gemma4_jax import ops
 from gemma4_jax import patches
+from gemma4_jax import testing
 
 PACKAGES = ("gemma4-jax", "jax", "jaxlib", "flax", "google-tunix", "qwix",
             "orbax-checkpoint", "safetensors", "transformers", "peft", "torch")
@@ -36,6 +37,9 @@ def main() -> int:
         implementations.resolve(op, None, available),
         tpu_default=ops.TPU_DEFAULT[op])
     print(f"  {op:24} {chosen:32} (has: {', '.join(available)})")
+  missing = testing.libtpu_missing()
+  print("\ncompiling for TPU from this machine (gemma4-jax fit, the TPU "
+        "tests): " + ("available (libtpu)" if missing is None else missing))
   print("\npatches:")
   print(patches.status())
   return 0

@@ -106,7 +106,8 @@ def _by_platform(on_tpu: Callable, elsewhere: Callable) -> Callable:
 def describe(name: str, *, tpu_default: str = PALLAS_TPU) -> str:
   """`name` for people: what `BY_PLATFORM` runs where."""
   if name == BY_PLATFORM:
-    return f"{tpu_default} on TPU, {XLA} elsewhere"
+    return (f"{XLA} everywhere" if tpu_default == XLA else
+            f"{tpu_default} on TPU, {XLA} elsewhere")
   return name
 
 
