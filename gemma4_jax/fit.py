@@ -67,8 +67,9 @@ HBM_BYTES = {
 # Compile seconds per layer on 2 shared CPU cores (E2B, batch 4 x 1024, jax
 # 0.10.2 with libtpu 0.0.42.1), for the estimate before the first compile on
 # a machine; later estimates use the last measured rate, kept in the cache.
-DEFAULT_SECONDS_PER_LAYER = 12.0
+DEFAULT_SECONDS_PER_LAYER = 14.0
 RATE_FILE = "seconds_per_layer.json"
+MIN_LAYERS_FOR_RATE = 10
 HEARTBEAT_SECONDS = 30.0
 _OOM_PATTERNS = (
     # "... HLO temporaries (17.71G) exceeds available HBM (15.75G)."
@@ -358,7 +359,8 @@ class Session:
     return rate * num_layers * self._size_factor(seq_len)
 
   def _record_rate(self, seconds, num_layers, seq_len) -> None:
-    if self._cache is not None:
+    # Few-layer compiles are dominated by the embedding and the loss.
+    if self._cache is not None and num_layers >= MIN_LAYERS_FOR_RATE:
       _write_json(self._cache / RATE_FILE, {
           "seconds_per_layer": seconds / num_layers
                                / self._size_factor(seq_len)})

@@ -165,7 +165,10 @@ class AbstractStep:
 
   def lower(self, mode: str, seq_len: int) -> jax.stages.Lowered:
     """The jitted step lowered for the mesh, stock or patched."""
-    step = jax.jit(_train_step(self._graphdef), donate_argnums=1)
+    # keep_unused: the KV-sharing layers' unused kv_einsum weights still sit
+    # in HBM; kept as arguments, XLA counts them.
+    step = jax.jit(_train_step(self._graphdef), donate_argnums=1,
+                   keep_unused=True)
     with contextlib.ExitStack() as stack:
       stack.enter_context(tunix_shard_constrains_on_cpu())
       if mode == "patched":
@@ -211,13 +214,24 @@ def _set_remat(model, remat: str) -> None:
 
 
 def _placed(state, mesh):
-  """`ShapeDtypeStruct`s of `state` with the shardings its variables name."""
-  specs = nnx.get_partition_spec(state)
-  return jax.tree.map(
-      lambda x, spec: jax.ShapeDtypeStruct(
-          x.shape, x.dtype,
-          sharding=jax.sharding.NamedSharding(mesh, spec)),
-      state, specs)
+  """`ShapeDtypeStruct`s of `state` with the shardings its variables name.
+
+  A mesh axis that does not divide its dimension is dropped (that dimension
+  is replicated), as `jax.device_put` would refuse it: 12B's single global
+  KV head under tp=2.
+  """
+  def place(x, spec):
+    spec = tuple(spec) + (None,) * (len(x.shape) - len(spec))
+    kept = tuple(
+        axes if size % math.prod(
+            mesh.shape[a] for a in ((axes,) if isinstance(axes, str)
+                                    else axes or ())) == 0 else None
+        for size, axes in zip(x.shape, spec))
+    return jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                sharding=jax.sharding.NamedSharding(
+                                    mesh, jax.sharding.PartitionSpec(*kept)))
+
+  return jax.tree.map(place, state, nnx.get_partition_spec(state))
 
 
 def per_chip_bytes(tree) -> int:
