@@ -3,8 +3,10 @@
 The raw kernel is `kernel.fused_matmul`; this module makes any shape fit it
 and differentiates it with `W` frozen:
 
-- forward: `y = x @ W + scale * (x @ A) @ B` (one fused kernel), saving
-  `x @ A` `[M, R]` in float32 for the backward pass;
+- forward: `y = x @ W + scale * (x @ A) @ B` (one fused kernel whose only
+  output is `y`, so a dead `y` costs nothing); the backward pass recomputes
+  `x @ A` `[M, R]` in float32 (an XLA dot reading `x` once) rather than
+  keeping it;
 - `dx = dy @ W^T + scale * (dy @ B^T) @ A^T`: the same fused kernel with
   `W` read transposed in its stored layout; it also returns `dy @ B^T`;
 - `dA = scale * x^T @ (dy @ B^T)` and `dB = scale * (x @ A)^T @ dy`: XLA
@@ -114,10 +116,14 @@ def grouped_lora_matmul(x, w, a_cat, b_cat, *, scale: float, rank: int,
   n_pad = n if tileable_n else common.round_up(n, common.NUM_LANES)
   r_pad = common.round_up(max(a_cat.shape[1], 1), common.NUM_LANES)
 
+  # Only a single group is ever padded along N, so w's last axis is padded
+  # to its share `n_pad // groups` (padding it to n_pad would copy W G times
+  # over: 96 MiB for the 8 x 512 query heads).
   x = common.pad_axis(x, 1, k_pad)
-  w = common.pad_axis(common.pad_axis(w, 1, k_pad), 2, n_pad)
+  w = common.pad_axis(common.pad_axis(w, 1, k_pad), 2, n_pad // groups)
   if w_scale is not None:
-    w_scale = common.pad_axis(w_scale.astype(jnp.float32), 2, n_pad)
+    w_scale = common.pad_axis(w_scale.astype(jnp.float32), 2,
+                              n_pad // groups)
   a_cat = common.pad_axis(common.pad_axis(a_cat, 0, k_pad), 1, r_pad)
   b_cat = common.pad_axis(common.pad_axis(b_cat, 0, r_pad), 1, n_pad)
   ids = None if adapter_ids is None else adapter_ids.astype(
@@ -151,6 +157,10 @@ class _Config:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
 def _fused(x, w, w_scale, a, b, ids, config):
+  return _forward(x, w, w_scale, a, b, ids, config)
+
+
+def _forward(x, w, w_scale, a, b, ids, config):
   return kernel.fused_matmul(
       x[None], w, a, b, scale=config.scale, rank=config.rank,
       adapter_ids=ids, w_scale=w_scale, out_groups=config.out_groups,
@@ -158,16 +168,17 @@ def _fused(x, w, w_scale, a, b, ids, config):
 
 
 def _fused_fwd(x, w, w_scale, a, b, ids, config):
-  out, down = kernel.fused_matmul(
-      x[None], w, a, b, scale=config.scale, rank=config.rank,
-      adapter_ids=ids, w_scale=w_scale, out_groups=config.out_groups,
-      tm=config.tm, tk=config.tk, tn=config.tn, save_down=True,
-      interpret=config.interpret)
-  return out, (x, w, w_scale, a, b, ids, down)
+  # The kernel's only output is `y`, so when `y` is dead (a loss linear in
+  # it) the whole call is DCE'd, as XLA drops a dead `x @ W`: a second
+  # `down` output would keep an [M, N] `y` alive in HBM. `x @ A` is
+  # recomputed in the backward pass instead of saved: one more read of `x`
+  # against a saved [M, R] float32 residual per LoRA site.
+  out = _forward(x, w, w_scale, a, b, ids, config)
+  return out, (x, w, w_scale, a, b, ids)
 
 
 def _fused_bwd(config, residuals, dy):
-  x, w, w_scale, a, b, ids, down = residuals
+  x, w, w_scale, a, b, ids = residuals
   dx, g = kernel.fused_matmul(
       dy, w, b.T, a.T, scale=config.scale, rank=config.rank,
       adapter_ids=ids, w_scale=w_scale, transpose_w=True,
@@ -175,8 +186,13 @@ def _fused_bwd(config, residuals, dy):
       interpret=config.interpret)
   # In float32 (on TPU, DEFAULT precision is one bf16 MXU pass anyway; on
   # CPU, XLA has no bf16 x bf16 -> f32 dot).
+  x32 = x.astype(jnp.float32)
+  down = jnp.dot(x32, a.astype(jnp.float32))  # [M, R], unscaled
+  if ids is not None:
+    column_adapter = jnp.arange(down.shape[1]) // config.rank
+    down = jnp.where(column_adapter == ids, down, 0.0)
   d_a = config.scale * jax.lax.dot_general(
-      x.astype(jnp.float32), g, (((0,), (0,)), ((), ())))  # [K, R]
+      x32, g, (((0,), (0,)), ((), ())))  # [K, R]
   d_b = config.scale * jnp.einsum(
       "mr,cmn->rcn", down, dy.astype(jnp.float32)).reshape(b.shape)  # [R, N]
   return dx[0], None, None, d_a.astype(a.dtype), d_b.astype(b.dtype), None
