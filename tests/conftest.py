@@ -27,14 +27,19 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 # main run (a subprocess of minutes) is a unit of its own.
 _TUNIX_MAIN = "tests/tunix_main/"
 _ONE_UNIT = ("tests/export/",)
+# Handed out first: the Tunix main runs, then the longest TPU compiles (a
+# shortened E2B training step, attention at E2B/E4B/31B shapes).
+_LONG_FIRST = (_TUNIX_MAIN, "tests/test_fit.py",
+               "tests/kernels/test_attention_tpu_compile.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
   """Groups tests into xdist work units and hands out the longest first.
 
-  The Tunix main runs go first so that the short tests fill in around them
-  instead of one of them ending the run alone on one worker.
+  The Tunix main runs and the longest TPU compiles go first so that the
+  short tests fill in around them instead of one of them ending the run
+  alone on one worker.
   """
   del config
   for item in items:
@@ -42,4 +47,7 @@ def pytest_collection_modifyitems(config, items):
     if not path.startswith(_TUNIX_MAIN):
       group = next((d for d in _ONE_UNIT if path.startswith(d)), path)
       item.add_marker(pytest.mark.xdist_group(group))
-  items.sort(key=lambda item: not item.nodeid.startswith(_TUNIX_MAIN))
+  def rank(item):
+    return next((i for i, prefix in enumerate(_LONG_FIRST)
+                 if item.nodeid.startswith(prefix)), len(_LONG_FIRST))
+  items.sort(key=rank)
