@@ -60,12 +60,15 @@ AVAILABLE = {
 # version compiled for v5e and is not slower by the roofline; README's "TPU
 # defaults" gives the figures. The PLE gather ties XLA's gather in HBM but
 # Mosaic only DMAs whole 8-row tiles of Gemma 4's tables (L = 35, 42 layers
-# make XLA tile the row axis), so it moves 3-4.5x the bytes.
+# make XLA tile the row axis), so it moves 3-4.5x the bytes. The fused LoRA
+# kernel needs no more HBM than XLA per call, but a whole E2B step with it
+# needs more (v5e:2x2, 5 layers: +19 MiB at 4 x 1024, +117 MiB at 4 x 4096)
+# for a modeled gain of at most ~7%.
 TPU_DEFAULT = {
     "attention": implementations.PALLAS_TPU,
     "ple_lookup": implementations.XLA,
     "per_layer_inputs": implementations.XLA,
-    "lora_matmul": implementations.PALLAS_TPU,
+    "lora_matmul": implementations.XLA,
     "softcapped_cross_entropy": implementations.PALLAS_TPU,
 }
 
