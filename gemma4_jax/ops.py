@@ -110,11 +110,11 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
                                  tuple(_ATTENTION), interpret=interpret)
   options = dict(causal=causal, sliding_window=sliding_window,
                  softcap=softcap, scale=scale)
-  table = {impl: functools.partial(fn, **options)
-           for impl, fn in _ATTENTION.items()}
   # Only the Pallas kernel has an interpret mode.
-  table[implementations.PALLAS_TPU] = functools.partial(
-      attention_pallas_tpu.attention, interpret=interpret, **options)
+  table = {impl: functools.partial(
+      fn, **options, **({"interpret": interpret}
+                        if impl == implementations.PALLAS_TPU else {}))
+           for impl, fn in _ATTENTION.items()}
   run = implementations.select("attention", name, table, interpret=interpret,
                                tpu_default=TPU_DEFAULT["attention"])
   # Under a ('fsdp', 'tp') mesh each shard runs `run` in shard_map.
