@@ -110,6 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
   fit.add_argument("--implementation",
                    choices=["pallas_tpu", "xla", "reference"],
                    help="passed to patches.apply (default: Pallas on TPU)")
+  fit.add_argument("--buffers", type=int, default=0, metavar="N",
+                   help="also print the N largest buffers live at the peak "
+                   "of each step's temporaries (estimated from the compiled "
+                   "schedule; up to 20)")
   fit.add_argument("--search", action="store_true",
                    help="find the longest sequence that fits at --batch "
                    "(doubling from --seq-len, then bisecting to a multiple "

@@ -52,6 +52,8 @@ import warnings
 
 import jax
 
+from gemma4_jax import hlo_buffers
+
 GIB = 1024**3
 MODES = ("stock", "patched")
 # Tunix's own RematConfig for both modes, or one of the patches' policies
@@ -76,6 +78,8 @@ DEFAULT_SECONDS_PER_LAYER = 14.0
 RATE_FILE = "seconds_per_layer.json"
 MIN_LAYERS_FOR_RATE = 10
 HEARTBEAT_SECONDS = 30.0
+# Buffers kept per result (and cache entry) for `--buffers`.
+LARGEST_BUFFERS = 20
 _OOM_PATTERNS = (
     # "... HLO temporaries (17.71G) exceeds available HBM (15.75G)."
     re.compile(r"\(([\d.]+)([KMGT]?)i?B?\) exceeds available HBM "
@@ -135,6 +139,11 @@ class ModeResult:
   compile_seconds: float
   cached: bool = False
   error: str | None = None
+  # From the scheduled HLO (`hlo_buffers`): the estimated peak of the
+  # temporaries and the largest buffers live there, as
+  # {"bytes", "shape", "op"} dicts; None when the step did not compile.
+  peak_estimate_bytes: int | None = None
+  largest_buffers: list | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -335,7 +344,13 @@ class Session:
                + stats.output_size_in_bytes - stats.alias_size_in_bytes
                + stats.generated_code_size_in_bytes)
       from gemma4_jax import testing  # pylint: disable=g-import-not-at-top
+      peak = hlo_buffers.peak(compiled.as_text())
       return ModeResult(
+          peak_estimate_bytes=peak.bytes,
+          largest_buffers=[
+              {"bytes": b.bytes, "shape": b.shape.split("{")[0],
+               "op": b.op_name or b.opcode}
+              for b in peak.buffers[:LARGEST_BUFFERS]],
           fits=True, argument_bytes=stats.argument_size_in_bytes,
           temp_bytes=stats.temp_size_in_bytes,
           output_bytes=stats.output_size_in_bytes,
@@ -503,6 +518,22 @@ def _verdict(result: ModeResult) -> str:
           f"{_gib(result.hbm_limit_bytes)} usable")
 
 
+def format_buffers(report: Report, count: int) -> str:
+  """The `count` largest buffers live at each mode's estimated peak."""
+  lines = []
+  for mode, result in report.results.items():
+    if not result.largest_buffers:
+      continue
+    lines.append(
+        f"{mode}: largest buffers live at the peak of the temporaries "
+        f"(estimated from the schedule: {_gib(result.peak_estimate_bytes)} "
+        f"GiB; XLA's {_gib(result.temp_bytes)} GiB)")
+    for buffer in result.largest_buffers[:count]:
+      lines.append(f"  {buffer['bytes'] / 2**20:9.1f} MiB  "
+                   f"{buffer['shape']:34} {hlo_buffers.describe(buffer['op'], 80)}")
+  return "\n".join(lines)
+
+
 def format_report(report: Report) -> str:
   """The per-chip table `gemma4-jax fit` prints."""
   config, results = report.config, report.results
@@ -577,5 +608,7 @@ def main(args) -> int:
     return 2
   print(json.dumps(report.to_json(), indent=1) if args.json
         else format_report(report))
+  if args.buffers and not args.json:
+    print("\n" + format_buffers(report, args.buffers))
   return 1 if any(r.error for r in report.results.values()) else 0
 

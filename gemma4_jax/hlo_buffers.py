@@ -36,6 +36,7 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 # Instructions whose result is a view of their operands: no new buffer.
 _VIEWS = {"get-tuple-element", "bitcast", "tuple", "while", "opt-barrier",
           "optimization-barrier", "conditional"}
+_PURE_VIEWS = {"get-tuple-element", "bitcast", "tuple"}
 _NOT_TEMPORARY = {"parameter", "constant"}
 
 
@@ -148,9 +149,10 @@ def buffers(hlo_text: str) -> list[Buffer]:
   for step, (name, shape, opcode, rest) in enumerate(parsed):
     operands = [n for n in _NAME.findall(rest.split("), ", 1)[0] + ")")
                 if n in index and index[n] < step]
-    for operand in operands:
-      for owner in owned(operand):
-        last_use[owner] = step
+    if opcode not in _PURE_VIEWS:   # a pure view is used when it is read
+      for operand in operands:
+        for owner in owned(operand):
+          last_use[owner] = step
     if opcode == "get-tuple-element" and operands:
       k = int(re.search(r"index=(\d+)", rest).group(1))
       parts = owned(operands[0])

@@ -1,6 +1,6 @@
 """Remat with every patch: Tunix's RematConfig and the named policies.
 
-A tiny Gemma 4 (KV sharing, local and global layers) with qwix LoRA, a batch
+A tiny Gemma 4 (local, global and KV-shared layers) with qwix LoRA, a batch
 with right- and left-padded rows. Every patched run, with each policy or
 Tunix's own `BLOCK`/`DECODER`, must give stock's loss and LoRA gradients
 without remat, under the model-level rule (`testing.assert_model_close`:
@@ -40,8 +40,11 @@ def batch():
 
 
 def _model(remat=gemma4_lib.RematConfig.NONE, dtype=jnp.float32):
+  # Four layers: local, local, global, then a local one reading layer 1's
+  # KV, so a KV-shared layer runs under remat too.
   model = tiny_models.build_model(
-      tiny_models.tiny_config(vocab_size=VOCAB), seed=0)
+      tiny_models.tiny_config(vocab_size=VOCAB, num_layers=4,
+                              frac_shared_layers=0.25), seed=0)
   model = tiny_models.apply_lora(model, seed=1)
   if dtype == jnp.float64:
     model = tiny_models.float64_copy(model)
