@@ -49,9 +49,8 @@ def sweep(args) -> list[dict]:
 
 
 def _line(mode: str, remat: str) -> str:
-  if mode == "stock":
-    return f"stock Tunix, remat {remat if remat in fit.TUNIX_REMAT else 'decoder'}"
-  return f"patched, remat {remat}"
+  who = "stock Tunix" if mode == "stock" else "patched"
+  return f"{who}, remat {fit.mode_remat(mode, remat)}"
 
 
 def _cell(result: dict) -> str:

@@ -168,8 +168,17 @@ class Report:
         "lora_params": self.lora_params,
         "implementation": self.config.implementation,
     }
-    return {mode: {**dataclasses.asdict(result), **common}
+    return {mode: {**dataclasses.asdict(result), **common,
+                   "remat": mode_remat(mode, self.config.remat)}
             for mode, result in self.results.items()}
+
+
+def mode_remat(mode: str, remat: str) -> str:
+  """The remat a mode's step runs with: a patches policy is the patched
+  step's; the stock step then runs Tunix's own DECODER remat."""
+  if mode == "stock" and remat in POLICY_REMAT:
+    return "decoder"
+  return remat
 
 
 def fit(config: FitConfig = FitConfig(), *, modes: Iterable[str] = MODES,
@@ -564,7 +573,8 @@ def format_report(report: Report) -> str:
       f"LoRA rank {config.lora_rank} (alpha {2 * config.lora_rank}, "
       f"{report.lora_params / 1e6:.1f}M params in {report.lora_tensors} "
       f"tensors) + AdamW; batch {config.batch} x {config.seq_len} tokens; "
-      f"remat {config.remat}",
+      "remat " + ", ".join(f"{mode_remat(m, config.remat)} ({m})"
+                           for m in modes),
       f"{config.topology}: {report.chips} x {report.device_kind}, mesh "
       f"{mesh}",
       "",
