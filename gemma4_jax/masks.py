@@ -76,6 +76,10 @@ def canonical_segment_ids(segment_ids, *, batch: int, q_len: int,
           f"S={kv_len}; pass a (q [B,T], kv [B,S]) pair")
     q_ids = kv_ids = segment_ids
   for name, ids, length in (("q", q_ids, q_len), ("kv", kv_ids, kv_len)):
+    if not (hasattr(ids, "shape") and hasattr(ids, "dtype")):
+      raise TypeError(f"{name} segment_ids must be an integer array (a "
+                      f"jax.Array or numpy.ndarray), got "
+                      f"{type(ids).__name__}")
     if not jnp.issubdtype(ids.dtype, jnp.integer):
       raise TypeError(f"{name} segment_ids must be integer, got {ids.dtype}")
     if tuple(ids.shape) != (batch, length):
