@@ -65,6 +65,11 @@ def canonical_segment_ids(segment_ids, *, batch: int, q_len: int,
   Accepts one `[B,T]` array (self-attention, T == S) or a `(q, kv)` pair.
   """
   if isinstance(segment_ids, Sequence) and not hasattr(segment_ids, "shape"):
+    if not any(hasattr(ids, "shape") for ids in segment_ids):
+      # Nested Python lists, not a pair of arrays.
+      raise TypeError("segment_ids must be an integer array [B,T] or a (q "
+                      "[B,T], kv [B,S]) pair of arrays, got a "
+                      f"{type(segment_ids).__name__} of Python values")
     if len(segment_ids) != 2:
       raise ValueError("segment_ids must be a [B,T] array or a (q [B,T], "
                        f"kv [B,S]) pair; got a sequence of {len(segment_ids)}")

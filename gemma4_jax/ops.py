@@ -192,7 +192,7 @@ def ple_lookup(per_layer_table, tokens, *, num_layers, per_layer_dim,
     interpret: run the Pallas kernel in interpret mode (CPU).
 
   Returns:
-    `[B, T, L, P]` in the table's dtype.
+    `[B, T, L, P]` in the table's dtype (empty when B or T is 0).
 
   Raises:
     ValueError / TypeError: naming the argument and expected vs actual.
@@ -214,6 +214,9 @@ def ple_lookup(per_layer_table, tokens, *, num_layers, per_layer_dim,
     return rows.reshape(*tokens.shape, num_layers, per_layer_dim)
   name = implementations.resolve("ple_lookup", implementation, _PLE,
                                  interpret=interpret)
+  if validation.has_empty_dim(tokens.shape):  # the Pallas gather tiles rows
+    return jnp.zeros((*tokens.shape, num_layers, per_layer_dim),
+                     per_layer_table.dtype)
   if name == implementations.REFERENCE:
     return ple_reference.ple_lookup(per_layer_table, tokens,
                                     num_layers=num_layers,
@@ -397,7 +400,8 @@ def lora_matmul(x, w, a, b, *, scale, adapter_ids=None, w_scale=None,
     interpret: run the Pallas kernel in interpret mode (CPU).
 
   Returns:
-    `[..., N]` in x's dtype.
+    `[..., N]` in x's dtype (empty, without running a kernel, when x has no
+    rows or w no columns; K = 0 and rank 0 are errors).
 
   Raises:
     ValueError / TypeError: naming the argument and expected vs actual.
@@ -690,10 +694,11 @@ def softcapped_cross_entropy(hidden, embedding, targets, weights, *,
     interpret: run the Pallas kernel in interpret mode (CPU).
     block_sizes: the implementation's `BlockSizes`, or None for defaults.
     mesh: a `('fsdp', 'tp')` mesh, or None for the mesh in context (none:
-      unsharded).
+      unsharded). A mesh with neither axis is an error.
 
   Returns:
-    `(sum(weights * nll), sum(weights))`, float32 scalars.
+    `(sum(weights * nll), sum(weights))`, float32 scalars; `(0, 0)` when
+    there are no tokens (B or T is 0).
 
   Raises:
     ValueError / TypeError: naming the argument and expected vs actual.
