@@ -253,6 +253,7 @@ def _resolve(name: str, given, recorded, from_shapes, where: str):
 
 def _load_tunix(path: str, rank, alpha) -> Adapter:
   step_dir, params_dir = resolve_tunix_step(path)
+  meta = _tunix_custom_metadata(step_dir)  # cheap: before the restore
   flat = read_tunix_params(params_dir)
   if not flat:
     raise AdapterError(f"adapter: {params_dir!r} holds no parameters")
@@ -261,7 +262,6 @@ def _load_tunix(path: str, rank, alpha) -> Adapter:
     shape_rank = mapping.tunix_rank(pairs)
   except mapping.AdapterMappingError as e:
     raise AdapterError(f"{e} (in {params_dir})") from None
-  meta = _tunix_custom_metadata(step_dir)
   where = os.path.join(step_dir, "_CHECKPOINT_METADATA") + " custom_metadata"
   rank = _resolve("rank", rank, _recorded(meta, _RANK_KEYS, where,
                                           kind="rank"), shape_rank, step_dir)
