@@ -71,7 +71,7 @@ def check_number(name: str, value, *, positive: bool = False,
   """
   if value is None and allow_none:
     return
-  kind = "a Python number (finite" + (", > 0" if positive else "")
+  kind = ("a positive" if positive else "a") + " Python number (finite"
   kind += f"; {what})" if what else ")"
   kind += " or None" if allow_none else ""
   if isinstance(value, (bool, np.bool_)) or not isinstance(value,
