@@ -165,15 +165,6 @@ def _json_type(value) -> str:
               type(value), f"a {type(value).__name__}")
 
 
-def check_input_file(flag: str, path: str | os.PathLike) -> None:
-  """`path` is an existing regular file (not a directory)."""
-  path = os.fspath(path)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{flag}: {path!r} does not exist")
-  if not os.path.isfile(path):
-    raise ValueError(f"{flag}: {path!r} is not a file")
-
-
 def check_input_dir(flag: str, path: str | os.PathLike) -> None:
   """`path` is an existing directory."""
   path = os.fspath(path)
