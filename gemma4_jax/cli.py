@@ -99,8 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: all)")
   fit.add_argument("--lora-rank", type=int, default=16,
                    help="LoRA rank; alpha is twice it (default 16)")
-  fit.add_argument("--remat", choices=["none", "block", "decoder"],
-                   default="none", help="Tunix RematConfig (default none)")
+  # fit.REMAT, spelled out: importing fit here would load JAX for --help.
+  fit.add_argument("--remat", default="none", choices=[
+      "none", "block", "decoder", "full", "minimal", "attention", "offload"],
+                   help="none, block, decoder: Tunix's RematConfig in both "
+                   "modes; full, minimal, attention, offload: that policy of "
+                   "patches.apply(remat=...) for the patched step and "
+                   "Tunix's decoder remat for the stock one (default none)")
   fit.add_argument("--mode", choices=["stock", "patched", "both"],
                    default="both", help="what to compile (default both)")
   fit.add_argument("--implementation",

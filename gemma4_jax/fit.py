@@ -54,7 +54,12 @@ import jax
 
 GIB = 1024**3
 MODES = ("stock", "patched")
-REMAT = ("none", "block", "decoder")
+# Tunix's own RematConfig for both modes, or one of the patches' policies
+# (`gemma4_jax.patches.tunix_remat`) for the patched step, with Tunix's
+# DECODER (its own remat) for the stock step beside it.
+TUNIX_REMAT = ("none", "block", "decoder")
+POLICY_REMAT = ("full", "minimal", "attention", "offload")
+REMAT = TUNIX_REMAT + POLICY_REMAT
 SEARCH_GRANULE = 1024
 # A longest sequence `search` tries; beyond it the answer is "at least".
 SEARCH_MAX_SEQ_LEN = 1 << 20

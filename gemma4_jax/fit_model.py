@@ -128,7 +128,10 @@ class AbstractStep:
         f"LoRA rank {config.lora_rank} and AdamW, abstractly")
     model, optimizer = _build(self.model_config, config.lora_rank, mesh)
     if config.remat != "none":
-      _set_remat(model, config.remat)
+      # A patches policy replaces Tunix's DECODER remat in the patched step;
+      # the stock step keeps Tunix's own.
+      _set_remat(model, config.remat if config.remat in ("block", "decoder")
+                 else "decoder")
     self._graphdef, frozen, trainable = nnx.split(
         (model, optimizer), _FROZEN, ...)
     self._frozen = _placed(frozen, mesh)
@@ -173,8 +176,10 @@ class AbstractStep:
       stack.enter_context(tunix_shard_constrains_on_cpu())
       if mode == "patched":
         from gemma4_jax import patches  # pylint: disable=g-import-not-at-top
+        policy = self.config.remat
         stack.enter_context(patches.applied(
-            implementation=self.config.implementation))
+            implementation=self.config.implementation,
+            remat=policy if policy in patches.tunix_remat.POLICIES else None))
       stack.enter_context(_in_mesh(self.mesh))
       return step.lower(self._frozen, self._trainable, self.inputs(seq_len))
 

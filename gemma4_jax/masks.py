@@ -8,10 +8,12 @@ exists to remove. Everything downstream sees `[B|1, N|1, T|1, S]` booleans.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ACCEPTED_MASK_FORMS = "[T,S], [B,T,S], [B,1,T,S] or [B,N,T,S]"
 
@@ -120,3 +122,65 @@ def visibility(*, batch: int, num_heads: int, q_len: int, kv_len: int,
                                           q_len=q_len, kv_len=kv_len)
     visible = visible & (q_ids[:, None, :, None] == kv_ids[:, None, None, :])
   return visible
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class CausalPaddingMask:
+  """Tunix's `make_causal_attn_mask(input_mask)` without the `[B, T, T]`.
+
+  Query i may attend key j iff `j <= i` and `input_mask[b, j]`. Tunix builds
+  this as a dense boolean `[B, T, T]` array: 1 GiB at batch 1 x 32768, and
+  XLA:TPU adds an int8 copy for the attention kernel. This object holds the
+  `[B, T]` key mask only; `gemma4_jax.patches`' attention reads it as a key
+  mask plus causality, which `ops.attention` handles in tiles. Anything else
+  that reads it as an array (`jnp.asarray`, indexing, `&`, `*`, `.shape`)
+  gets exactly the dense mask Tunix would have built, so code that does not
+  know it still computes the same thing.
+  """
+  input_mask: jax.Array   # [B, T] bool, True for real (not padding) tokens
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    batch, length = self.input_mask.shape
+    return (batch, length, length)
+
+  @property
+  def dtype(self):
+    return jnp.dtype(jnp.bool_)
+
+  @property
+  def ndim(self) -> int:
+    return 3
+
+  def dense(self) -> jax.Array:
+    """The `[B, T, T]` boolean mask, as `make_causal_attn_mask` builds it."""
+    length = self.input_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((length, length), jnp.bool_))
+    return jnp.asarray(self.input_mask, jnp.bool_)[:, None, :] & causal[None]
+
+  def __jax_array__(self) -> jax.Array:
+    return self.dense()
+
+  def __array__(self, dtype=None, copy=None):
+    del copy
+    array = np.asarray(self.dense())
+    return array if dtype is None else array.astype(dtype)
+
+  def __getitem__(self, index):
+    return self.dense()[index]
+
+  def astype(self, dtype):
+    return self.dense().astype(dtype)
+
+  def __and__(self, other):
+    return self.dense() & other
+
+  def __rand__(self, other):
+    return other & self.dense()
+
+  def __mul__(self, other):
+    return self.dense() * other
+
+  def __rmul__(self, other):
+    return other * self.dense()

@@ -19,6 +19,7 @@ import numpy as np
 from gemma4_jax import implementations
 from gemma4_jax import masks
 from gemma4_jax import validation
+from gemma4_jax.kernels import attention as attention_names
 from gemma4_jax.kernels.attention import pallas_tpu as attention_pallas_tpu
 from gemma4_jax.kernels.attention import sharding as attention_sharding
 from gemma4_jax.kernels.attention import xla as attention_xla
@@ -39,6 +40,10 @@ from gemma4_jax.reference import attention as attention_reference
 from gemma4_jax.reference import lora as lora_reference
 from gemma4_jax.reference import loss as loss_reference
 from gemma4_jax.reference import ple as ple_reference
+
+# Remat policies may save these (`patches.apply(remat="attention")`).
+ATTENTION_OUTPUT = attention_names.OUTPUT
+ATTENTION_LOGSUMEXP = attention_names.LOGSUMEXP
 
 _ATTENTION = {
     implementations.PALLAS_TPU: attention_pallas_tpu.attention,

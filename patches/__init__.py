@@ -12,8 +12,10 @@ print(patches.status())       # what can be patched here, what is
 One flag per feature. `attention` patches Tunix Gemma 4 `Attention.block`
 (see `tunix_attention`), `ple` its `Embedder.encode_per_layer_input` (see
 `tunix_ple`; `ple="host"` reads a host-resident table), `lora` qwix's LoRA
-interceptor (see `qwix_lora`) and `loss` Tunix's default SFT loss (see
-`tunix_loss`).
+interceptor (see `qwix_lora`), `loss` Tunix's default SFT loss (see
+`tunix_loss`), `mask` Tunix's causal padding mask (see `tunix_mask`) and
+`remat` each decoder layer's remat policy (see `tunix_remat`; off unless a
+policy is named).
 
 `apply()` is idempotent, checks every target before touching any (installed
 version against the tested ones, presence and signature of each attribute it
@@ -38,6 +40,8 @@ from gemma4_jax.patches import qwix_lora
 from gemma4_jax.patches import tunix_attention
 from gemma4_jax.patches import tunix_ple
 from gemma4_jax.patches import tunix_loss
+from gemma4_jax.patches import tunix_mask
+from gemma4_jax.patches import tunix_remat
 from gemma4_jax.patches._framework import PatchReport
 from gemma4_jax.patches._framework import Status
 from gemma4_jax.patches._framework import TargetChangedError
@@ -54,13 +58,16 @@ _TARGETS = {
     "ple": tunix_ple.target,
     "lora": qwix_lora.target,
     "loss": tunix_loss.target,
+    "mask": tunix_mask.target,
+    "remat": tunix_remat.target,
 }
 _NO_PATCH_YET = "gemma4_jax has no patch for this feature yet"
 PLE_HOST = "host"  # apply(ple="host"): the PLE table stays in host memory
 
 
 def apply(*, attention: bool = True, ple: bool | str = True, lora: bool = True,
-          loss: bool = True, implementation: str | None = None,
+          loss: bool = True, mask: bool = True, remat: str | None = None,
+          implementation: str | None = None,
           interpret: bool = False) -> PatchReport:
   """Patches the enabled features; the patched set becomes exactly these.
 
@@ -77,6 +84,12 @@ def apply(*, attention: bool = True, ple: bool | str = True, lora: bool = True,
     loss: compute PeftTrainer's default loss on Gemma 4 with
       `gemma4_jax.ops.softcapped_cross_entropy` (no logits materialized).
       reported as not available.
+    mask: Tunix's `make_causal_attn_mask` returns a `[B, T]`
+      `masks.CausalPaddingMask` instead of the `[B, T, T]` array (see
+      `tunix_mask`); needs `attention`, else left stock.
+    remat: None leaves remat to the model's `RematConfig`; "full",
+      "minimal", "attention" or "offload" rematerializes every decoder layer
+      under that policy (see `tunix_remat`).
     implementation: passed to every op the patches call: None (each op's
       TPU default when the model is lowered for TPU, from a CPU host too;
       XLA elsewhere; `GEMMA4_JAX_IMPLEMENTATION` overrides), "xla",
@@ -97,20 +110,31 @@ def apply(*, attention: bool = True, ple: bool | str = True, lora: bool = True,
   if not (isinstance(ple, bool) or ple == PLE_HOST):
     raise ValueError(f"ple must be True, False or {PLE_HOST!r}, got {ple!r}")
   ple_host, ple = ple == PLE_HOST, bool(ple)
-  flags = {"attention": attention, "ple": ple, "lora": lora, "loss": loss}
+  if remat is not None:
+    tunix_remat.policy(remat)  # raises naming the policies
+  flags = {"attention": attention, "ple": ple, "lora": lora, "loss": loss,
+           "mask": mask}
   for name, value in {**flags, "interpret": interpret}.items():
     if not isinstance(value, bool):
       raise TypeError(f"{name} must be a bool, got {value!r}")
+  flags["remat"] = remat is not None
+  # The compact mask is only read by the patched attention.
+  needs = {"mask": "attention"}
   resolved = _resolve_implementation(implementation, interpret,
                                      "attention" if attention or not ple
                                      else "ple_lookup")
-  options = _framework.OpOptions(implementation, interpret, ple_host)
+  options = _framework.OpOptions(implementation, interpret, ple_host, remat)
   with _framework.LOCK:
     plan, reports = [], []
     for feature, enabled in flags.items():
       if not enabled:
-        reports.append(TargetReport(feature, None, _framework.SKIPPED,
-                                    f"{feature}=False"))
+        reports.append(TargetReport(
+            feature, None, _framework.SKIPPED,
+            "remat=None" if feature == "remat" else f"{feature}=False"))
+      elif feature in needs and not flags[needs[feature]]:
+        reports.append(TargetReport(
+            feature, None, _framework.SKIPPED,
+            f"needs the {needs[feature]} patch ({needs[feature]}=False)"))
       elif _TARGETS[feature] is None:
         reports.append(TargetReport(feature, None, _framework.NOT_AVAILABLE,
                                     _NO_PATCH_YET))
@@ -144,8 +168,8 @@ def revert() -> tuple[str, ...]:
 
 @contextlib.contextmanager
 def applied(*, attention: bool = True, ple: bool | str = True,
-            lora: bool = True,
-            loss: bool = True, implementation: str | None = None,
+            lora: bool = True, loss: bool = True, mask: bool = True,
+            remat: str | None = None, implementation: str | None = None,
             interpret: bool = False):
   """`apply(...)` for the duration of a `with` block; yields the report.
 
@@ -155,7 +179,8 @@ def applied(*, attention: bool = True, ple: bool | str = True,
   with _framework.LOCK:
     before = _framework.active()
   report = apply(attention=attention, ple=ple, lora=lora, loss=loss,
-                 implementation=implementation, interpret=interpret)
+                 mask=mask, remat=remat, implementation=implementation,
+                 interpret=interpret)
   try:
     yield report
   finally:

@@ -39,6 +39,7 @@ class OpOptions:
   implementation: str | None = None
   interpret: bool = False
   ple_host: bool = False  # apply(ple="host"): the PLE table is host-resident
+  remat: str | None = None  # apply(remat=...): the decoder layers' policy
 
   @property
   def op_kwargs(self) -> dict:

@@ -285,19 +285,25 @@ def _attention(self, query, key, value, attn_mask, segment_ids, *, local,
   """Tunix's prefill masking, any mask rank, through `ops.attention`."""
   batch, seq_len, num_heads, _ = query.shape
   kv_len = key.shape[1]
-  mask = masks.canonical_mask(_boolean_mask(attn_mask)[..., :seq_len],
-                              batch=batch, num_heads=num_heads,
-                              q_len=seq_len, kv_len=kv_len)
-  window = None
-  if self.attn_type == local:
-    window = _sliding_window(self)
-    # Tunix's prefill band is two-sided, |i - j| < W; ops' window is the
-    # lower side j > i - W, so the upper side goes into the mask.
-    mask = mask & (jnp.arange(kv_len)[None, :] <
-                   jnp.arange(seq_len)[:, None] + window)
+  window = _sliding_window(self) if self.attn_type == local else None
+  if (isinstance(attn_mask, masks.CausalPaddingMask)
+      and attn_mask.shape[-1] == seq_len == kv_len):
+    # Causal with a key mask: tiles from [B, S], no [B, T, T] built. The
+    # causal rule is the upper side of Tunix's band.
+    mask, causal = attn_mask.input_mask[:, None, None, :], True
+  else:
+    mask = masks.canonical_mask(_boolean_mask(attn_mask)[..., :seq_len],
+                                batch=batch, num_heads=num_heads,
+                                q_len=seq_len, kv_len=kv_len)
+    causal = False
+    if window is not None:
+      # Tunix's prefill band is two-sided, |i - j| < W; ops' window is the
+      # lower side j > i - W, so the upper side goes into the mask.
+      mask = mask & (jnp.arange(kv_len)[None, :] <
+                     jnp.arange(seq_len)[:, None] + window)
   dtype = jnp.result_type(query, key, value)
   return ops.attention(
       query.astype(dtype), key.astype(dtype), value.astype(dtype), mask=mask,
-      segment_ids=segment_ids, causal=False, sliding_window=window,
+      segment_ids=segment_ids, causal=causal, sliding_window=window,
       scale=1.0,  # queries and keys are RMS-normed; Gemma 4 has no 1/sqrt(H)
       **options.op_kwargs)

@@ -26,11 +26,13 @@ import dataclasses
 import functools
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
 
 from gemma4_jax import masks
+from gemma4_jax.kernels import attention as attention_names
 from gemma4_jax.kernels.attention import block_mask
 from gemma4_jax.kernels.attention import pallas_tpu_tiles as tiles
 
@@ -253,11 +255,12 @@ def _attention_fwd(q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids,
                    static):
   qt, kt, vt = _to_kernel_layout(q, k, v, static)
   out, lse = _forward(qt, kt, vt, fwd_entries, mask, q_ids, kv_ids, static)
-  out = _rows_from_kernel(out, static)
+  out = checkpoint_name(_rows_from_kernel(out, static), attention_names.OUTPUT)
   # The kernel writes the logsumexp broadcast over 128 lanes; the residual
   # kept until the backward pass (in a model: one per layer) is one lane.
+  lse = checkpoint_name(lse[..., 0], attention_names.LOGSUMEXP)
   return out, (q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids, out,
-               lse[..., 0])
+               lse)
 
 
 def _attention_bwd(static, residuals, d_out):

@@ -27,10 +27,12 @@ import dataclasses
 import functools
 
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 import numpy as np
 
 from gemma4_jax import masks
+from gemma4_jax.kernels import attention as attention_names
 
 DEFAULT_BLOCK_Q = 512
 DEFAULT_BLOCK_KV = 512
@@ -291,6 +293,8 @@ def _forward(config, q, k, v, mask, q_ids, kv_ids, first, end):
 
 def _attention_fwd(config, q, k, v, mask, q_ids, kv_ids, first, end):
   out, lse = _forward(config, q, k, v, mask, q_ids, kv_ids, first, end)
+  out = checkpoint_name(out, attention_names.OUTPUT)
+  lse = checkpoint_name(lse, attention_names.LOGSUMEXP)
   return out, (q, k, v, mask, q_ids, kv_ids, first, end, out, lse)
 
 

@@ -23,6 +23,7 @@ from gemma4_jax.patches import tunix_attention
 TARGET = "tunix.models.gemma4.model:Attention.block"
 PLE_TARGET = "tunix.models.gemma4.model:Embedder.encode_per_layer_input"
 LORA_TARGET = "qwix._src.providers.lora:LoraProvider.get_intercept_map"
+MASK_TARGET = "tunix.sft.utils:make_causal_attn_mask"
 ORIGINAL = gemma4_lib.Attention.__dict__["block"]
 
 
@@ -43,17 +44,18 @@ def test_import_patches_nothing_and_imports_no_tunix():
 
 def test_apply_reports_and_revert_restores_the_original_object():
   report = patches.apply(loss=False)
-  assert report.patched == (TARGET, PLE_TARGET, LORA_TARGET)
+  assert report.patched == (TARGET, PLE_TARGET, LORA_TARGET, MASK_TARGET)
   assert gemma4_lib.Attention.block is not ORIGINAL
   assert gemma4_lib.Attention.block.__wrapped__ is ORIGINAL
   states = {t.feature: t.state for t in report.targets}
   assert states == {"attention": "patched", "ple": "patched",
-                    "lora": "patched", "loss": "skipped"}
+                    "lora": "patched", "loss": "skipped", "mask": "patched",
+                    "remat": "skipped"}
   assert report.tunix_version == "0.1.7" and report.qwix_version == "0.1.8"
   assert report.implementation is None
   assert report.resolved_implementation == "pallas_tpu on TPU, xla elsewhere"
   assert TARGET in str(report)
-  assert patches.revert() == (LORA_TARGET, PLE_TARGET, TARGET)
+  assert patches.revert() == (MASK_TARGET, LORA_TARGET, PLE_TARGET, TARGET)
   assert gemma4_lib.Attention.block is ORIGINAL
   assert patches.revert() == ()
 
@@ -78,7 +80,7 @@ def test_apply_twice_is_harmless_and_other_options_replace_cleanly():
 
 def test_applied_restores_on_exit_and_on_exception():
   with patches.applied(loss=False) as report:
-    assert report.patched == (TARGET, PLE_TARGET, LORA_TARGET)
+    assert report.patched == (TARGET, PLE_TARGET, LORA_TARGET, MASK_TARGET)
     assert gemma4_lib.Attention.block is not ORIGINAL
   assert gemma4_lib.Attention.block is ORIGINAL
 
@@ -104,11 +106,14 @@ def test_status():
   assert (attention.feature, attention.target) == ("attention", TARGET)
   assert attention.available and not attention.patched
   assert attention.version == "0.1.7" and attention.version_known
-  assert [t.feature for t in others] == ["ple", "lora", "loss"]
-  ple, lora, loss = others
+  assert [t.feature for t in others] == ["ple", "lora", "loss", "mask",
+                                         "remat"]
+  ple, lora, loss, mask, remat = others
   assert ple.available and not ple.patched
   assert lora.available and lora.target == LORA_TARGET and not lora.patched
   assert loss.available and not loss.patched
+  assert mask.available and mask.target == MASK_TARGET and not mask.patched
+  assert remat.available and not remat.patched
   assert status.implementation is None
   with patches.applied(implementation="xla"):
     status = patches.status()
@@ -173,7 +178,7 @@ def test_untested_version_warns_and_patches(monkeypatch):
       lambda d: "0.1.99" if d == "google-tunix" else installed(d))
   with pytest.warns(UserWarning, match="google-tunix 0.1.99 is not among"):
     report = patches.apply(loss=False)
-  assert report.patched == (TARGET, PLE_TARGET, LORA_TARGET)
+  assert report.patched == (TARGET, PLE_TARGET, LORA_TARGET, MASK_TARGET)
   assert "untested" in report.targets[0].reason
   status = patches.status()
   assert status.targets[0].available and not status.targets[0].version_known
@@ -254,7 +259,7 @@ def test_split_layout_detection_and_checks(monkeypatch):
   with warnings.catch_warnings():
     warnings.simplefilter("error")  # a known layout: no untested warning
     with patches.applied(ple=False, loss=False) as report:
-      assert report.patched == (status.target, LORA_TARGET)
+      assert report.patched == (status.target, LORA_TARGET, MASK_TARGET)
       assert "Tunix main c7d8950f layout" in report.targets[0].reason
       assert Attention.__dict__["block"].__wrapped__ is split_block
       assert gemma4_lib.Attention.block is ORIGINAL
