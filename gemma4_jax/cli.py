@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,10 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also print the K most likely next tokens and "
                           "their probabilities (under the softcap) at every "
                           "position of the --inspect examples")
-  perplexity.add_argument("--inspect", type=int, nargs="+", default=[0],
+  perplexity.add_argument("--inspect", type=int, nargs="+", default=None,
                           metavar="I",
                           help="0-based example indices for --top-k "
-                          "(default: 0)")
+                          "(default: 0); only with --top-k")
   perplexity.add_argument("--dtype", choices=["float32", "bfloat16"],
                           default="float32",
                           help="parameter and compute dtype (default "
@@ -161,9 +162,44 @@ def _run_doctor(args) -> int:
   return doctor.main()
 
 
+# Exceptions that mean "the input is wrong" (or the machine is: a missing
+# file, a full disk, a missing libtpu): one line, no traceback. Every other
+# exception is a bug in gemma4-jax (AttributeError, KeyError, IndexError,
+# TypeError, ...) and keeps its traceback.
+INPUT_ERRORS = (ValueError, OSError, RuntimeError)
+EXIT_INPUT_ERROR = 2
+EXIT_BUG = 70  # EX_SOFTWARE
+EXIT_INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None) -> int:
+  """Runs one command; returns its exit code.
+
+  Bad input ends in one line on stderr, `gemma4-jax COMMAND: error: ...`,
+  and exit status 2 (argparse's own errors exit 2 too); an internal error
+  prints its traceback and a line saying it is a bug (status 70).
+  """
   args = build_parser().parse_args(argv)
-  return args.func(args)
+  try:
+    return args.func(args)
+  except KeyboardInterrupt:
+    print(f"gemma4-jax {args.command}: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+  except INPUT_ERRORS as e:
+    print(f"gemma4-jax {args.command}: error: {_one_line(e)}",
+          file=sys.stderr)
+    return EXIT_INPUT_ERROR
+  except Exception:  # pylint: disable=broad-except
+    traceback.print_exc()
+    print(f"gemma4-jax {args.command}: internal error: this is a bug in "
+          "gemma4-jax, not in your input; please report it with the "
+          "traceback above", file=sys.stderr)
+    return EXIT_BUG
+
+
+def _one_line(error: BaseException) -> str:
+  text = " ".join(str(error).split())
+  return text or type(error).__name__
 
 
 if __name__ == "__main__":

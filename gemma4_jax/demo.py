@@ -19,6 +19,7 @@ from tunix.sft import peft_trainer
 
 from gemma4_jax import patches
 from gemma4_jax import tiny_models
+from gemma4_jax import validation
 
 VOCAB_SIZE = 262144
 CONFIG = dict(vocab_size=VOCAB_SIZE, embed_dim=128, hidden_dim=256,
@@ -84,8 +85,9 @@ def _run(label: str, batches, steps: int) -> tuple[tiny_models.TrainingRun, int]
 
 def main(*, steps: int = 8, seq_len: int = 64, batch_size: int = 4) -> int:
   """Runs the demo; returns a process exit code."""
-  if steps < 2:
-    raise ValueError(f"steps must be >= 2 (the first compiles), got {steps}")
+  validation.check_int("steps (--steps)", steps, minimum=2)  # 1st compiles
+  validation.check_int("seq_len (--seq-len)", seq_len, minimum=2)
+  validation.check_int("batch_size (--batch-size)", batch_size, minimum=1)
   _say(f"gemma4-jax demo on {jax.default_backend()} "
        f"({jax.device_count()} device(s)): Gemma 4 with "
        f"{CONFIG['num_layers']} layers, vocab {VOCAB_SIZE}, LoRA rank "

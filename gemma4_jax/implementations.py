@@ -50,9 +50,16 @@ def resolve(op: str, implementation: str | None, available: tuple[str, ...],
       default is then the Pallas kernel, if `op` has one.
 
   Raises:
+    TypeError: `interpret` is not a bool or `implementation` not a str.
     ValueError: an unknown name (naming where it came from), or one that
       `op` does not have.
   """
+  if not isinstance(interpret, bool):
+    raise TypeError(f"{op}: interpret must be True or False, got "
+                    f"{interpret!r}")
+  if implementation is not None and not isinstance(implementation, str):
+    raise TypeError(f"{op}: implementation must be a str or None, got "
+                    f"{implementation!r}")
   source = "implementation"
   if implementation is None and os.environ.get(ENV_VAR):
     implementation, source = os.environ[ENV_VAR], f"${ENV_VAR}"
@@ -169,10 +176,13 @@ batching.primitive_batchers[_refuse_p] = _refuse_batching
 
 
 def _fails_off_tpu(op: str, kernel: Callable) -> Callable:
-  message = (f"{op}: implementation {PALLAS_TPU!r} can only be lowered for "
-             f"TPU (this is lowering for another platform, backend "
-             f"{jax.default_backend()!r}); pass interpret=True to run the "
-             "Pallas kernel on CPU, or implementation=None for the XLA "
+  # Forced by the environment, the message must say where it came from.
+  source = (f" (from ${ENV_VAR})" if os.environ.get(ENV_VAR) == PALLAS_TPU
+            else "")
+  message = (f"{op}: implementation {PALLAS_TPU!r}{source} can only be "
+             f"lowered for TPU (this is lowering for another platform, "
+             f"backend {jax.default_backend()!r}); pass interpret=True to run "
+             "the Pallas kernel on CPU, or implementation=None for the XLA "
              "version here")
 
   def run(*args, **kwargs):

@@ -67,6 +67,11 @@ def canonical_segment_ids(segment_ids, *, batch: int, q_len: int,
   Accepts one `[B,T]` array (self-attention, T == S) or a `(q, kv)` pair.
   """
   if isinstance(segment_ids, Sequence) and not hasattr(segment_ids, "shape"):
+    if not any(hasattr(ids, "shape") for ids in segment_ids):
+      # Nested Python lists, not a pair of arrays.
+      raise TypeError("segment_ids must be an integer array [B,T] or a (q "
+                      "[B,T], kv [B,S]) pair of arrays, got a "
+                      f"{type(segment_ids).__name__} of Python values")
     if len(segment_ids) != 2:
       raise ValueError("segment_ids must be a [B,T] array or a (q [B,T], "
                        f"kv [B,S]) pair; got a sequence of {len(segment_ids)}")
@@ -78,6 +83,10 @@ def canonical_segment_ids(segment_ids, *, batch: int, q_len: int,
           f"S={kv_len}; pass a (q [B,T], kv [B,S]) pair")
     q_ids = kv_ids = segment_ids
   for name, ids, length in (("q", q_ids, q_len), ("kv", kv_ids, kv_len)):
+    if not (hasattr(ids, "shape") and hasattr(ids, "dtype")):
+      raise TypeError(f"{name} segment_ids must be an integer array (a "
+                      f"jax.Array or numpy.ndarray), got "
+                      f"{type(ids).__name__}")
     if not jnp.issubdtype(ids.dtype, jnp.integer):
       raise TypeError(f"{name} segment_ids must be integer, got {ids.dtype}")
     if tuple(ids.shape) != (batch, length):

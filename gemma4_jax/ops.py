@@ -18,6 +18,7 @@ import numpy as np
 
 from gemma4_jax import implementations
 from gemma4_jax import masks
+from gemma4_jax import validation
 from gemma4_jax.kernels import attention as attention_names
 from gemma4_jax.kernels.attention import pallas_tpu as attention_pallas_tpu
 from gemma4_jax.kernels.attention import sharding as attention_sharding
@@ -104,15 +105,21 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
     `[B, T, N, H]` in q's dtype. A query with no visible key gives 0. Under
     a mesh with Tunix's axes (`jax.set_mesh` or `with mesh:`), batch over
     `fsdp` and query heads over `tp` (see `kernels.attention.sharding`).
+    An empty dimension (B, T, N, H or S of 0) gives that result without
+    running a kernel: an empty array, or zeros when only S is 0 (no query
+    sees a key).
 
   Raises:
     ValueError / TypeError: naming the argument and expected vs actual.
   """
   _check_attention_args(q, k, v, mask=mask, segment_ids=segment_ids,
-                        sliding_window=sliding_window, softcap=softcap,
-                        scale=scale)
+                        causal=causal, sliding_window=sliding_window,
+                        softcap=softcap, scale=scale)
   name = implementations.resolve("attention", implementation,
                                  tuple(_ATTENTION), interpret=interpret)
+  if validation.has_empty_dim(q.shape, k.shape):
+    # Every kernel tiles T and S and the default scale is H ** -0.5.
+    return jnp.zeros(q.shape, q.dtype)
   options = dict(causal=causal, sliding_window=sliding_window,
                  softcap=softcap, scale=scale)
   # Only the Pallas kernel has an interpret mode.
@@ -127,9 +134,10 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
                                       segment_ids=segment_ids)
 
 
-def _check_attention_args(q, k, v, *, mask, segment_ids, sliding_window,
-                          softcap, scale):
+def _check_attention_args(q, k, v, *, mask, segment_ids, causal,
+                          sliding_window, softcap, scale):
   for name, x in (("q", q), ("k", k), ("v", v)):
+    validation.check_array(name, x)
     if getattr(x, "ndim", None) != 4:
       raise ValueError(f"{name} must be 4-D ({'[B,T,N,H]' if name == 'q' else '[B,S,K,H]'}), "
                        f"got shape {getattr(x, 'shape', type(x).__name__)}")
@@ -149,16 +157,15 @@ def _check_attention_args(q, k, v, *, mask, segment_ids, sliding_window,
   if num_kv_heads == 0 or num_heads % num_kv_heads:
     raise ValueError(f"query heads N={num_heads} must be a multiple of kv "
                      f"heads K={num_kv_heads}")
-  if sliding_window is not None and (not isinstance(sliding_window, int)
-                                     or sliding_window < 1):
-    raise ValueError(f"sliding_window must be a positive int or None, got "
-                     f"{sliding_window!r}")
-  if softcap is not None and not softcap > 0:
-    raise ValueError(f"softcap must be positive or None, got {softcap!r}")
-  if scale is not None and not isinstance(scale, (int, float)):
-    raise TypeError(f"scale must be a Python number or None, got "
-                    f"{type(scale).__name__}")
+  # None or a string would silently pick one of the two behaviours.
+  validation.check_bool("causal", causal)
+  validation.check_int("sliding_window", sliding_window, minimum=1,
+                       allow_none=True)
+  validation.check_number("softcap", softcap, positive=True, allow_none=True)
+  validation.check_number("scale", scale, allow_none=True,
+                          what="Gemma 4 uses 1.0")
   if mask is not None:
+    validation.check_array("mask", mask, what="a boolean array")
     masks.canonical_mask(mask, batch=batch, num_heads=num_heads, q_len=q_len,
                          kv_len=kv_len)
   if segment_ids is not None:
@@ -190,7 +197,7 @@ def ple_lookup(per_layer_table, tokens, *, num_layers, per_layer_dim,
     interpret: run the Pallas kernel in interpret mode (CPU).
 
   Returns:
-    `[B, T, L, P]` in the table's dtype.
+    `[B, T, L, P]` in the table's dtype (empty when B or T is 0).
 
   Raises:
     ValueError / TypeError: naming the argument and expected vs actual.
@@ -212,6 +219,9 @@ def ple_lookup(per_layer_table, tokens, *, num_layers, per_layer_dim,
     return rows.reshape(*tokens.shape, num_layers, per_layer_dim)
   name = implementations.resolve("ple_lookup", implementation, _PLE,
                                  interpret=interpret)
+  if validation.has_empty_dim(tokens.shape):  # the Pallas gather tiles rows
+    return jnp.zeros((*tokens.shape, num_layers, per_layer_dim),
+                     per_layer_table.dtype)
   if name == implementations.REFERENCE:
     return ple_reference.ple_lookup(per_layer_table, tokens,
                                     num_layers=num_layers,
@@ -258,6 +268,12 @@ def per_layer_inputs(embeddings, tokens, per_layer_table, model_projection,
   Raises:
     ValueError / TypeError: naming the argument and expected vs actual.
   """
+  for arg, value in (("embeddings", embeddings),
+                     ("model_projection", model_projection),
+                     ("projection_norm_scale", projection_norm_scale)):
+    validation.check_array(arg, value, what="a floating array")
+    if not jnp.issubdtype(value.dtype, jnp.floating):
+      raise TypeError(f"{arg} must be floating, got {value.dtype}")
   _check_ple_args(per_layer_table, tokens, num_layers=num_layers,
                   per_layer_dim=per_layer_dim, mesh=mesh,
                   table_spec=table_spec)
@@ -303,6 +319,9 @@ def combine_per_layer_inputs(projected, rows, projection_norm_scale):
   Raises:
     ValueError / TypeError: naming the argument and expected vs actual.
   """
+  for arg, value in (("projected", projected), ("rows", rows),
+                     ("projection_norm_scale", projection_norm_scale)):
+    validation.check_array(arg, value, what="a floating array")
   if getattr(projected, "ndim", None) != 4:
     raise ValueError(f"projected must be [B, T, L, P], got shape "
                      f"{getattr(projected, 'shape', type(projected))}")
@@ -323,8 +342,9 @@ def _check_ple_args(per_layer_table, tokens, *, num_layers, per_layer_dim,
                     mesh, table_spec):
   for name, value in (("num_layers", num_layers),
                       ("per_layer_dim", per_layer_dim)):
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name} must be a positive int, got {value!r}")
+    validation.check_int(name, value, minimum=1)
+  validation.check_array("per_layer_table", per_layer_table)
+  validation.check_array("tokens", tokens, what="an integer array")
   shape = getattr(per_layer_table, "shape", None)
   if shape is None or len(shape) not in (2, 3):
     raise ValueError(f"per_layer_table must be [V, L, P] or [V, L*P], got "
@@ -335,6 +355,10 @@ def _check_ple_args(per_layer_table, tokens, *, num_layers, per_layer_dim,
     raise ValueError(f"per_layer_table of shape {tuple(shape)} does not match "
                      f"num_layers={num_layers}, per_layer_dim={per_layer_dim}: "
                      f"expected [V, *{want}]")
+  if shape[0] == 0:
+    # Out-of-range ids read row 0, which an empty table does not have.
+    raise ValueError(f"per_layer_table has no rows (V = 0, shape "
+                     f"{tuple(shape)}); it needs at least one")
   dtype = getattr(tokens, "dtype", None)
   if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
     raise TypeError(f"tokens must be an integer array, got dtype {dtype}")
@@ -343,6 +367,7 @@ def _check_ple_args(per_layer_table, tokens, *, num_layers, per_layer_dim,
   if (mesh is None) != (table_spec is None):
     raise ValueError(f"pass mesh and table_spec together, got mesh={mesh!r} "
                      f"and table_spec={table_spec!r}")
+  validation.check_mesh("ple_lookup", mesh)
   if mesh is not None:
     ple_sharded.table_axes(table_spec, len(shape), mesh)
 
@@ -380,18 +405,25 @@ def lora_matmul(x, w, a, b, *, scale, adapter_ids=None, w_scale=None,
     interpret: run the Pallas kernel in interpret mode (CPU).
 
   Returns:
-    `[..., N]` in x's dtype.
+    `[..., N]` in x's dtype (empty, without running a kernel, when x has no
+    rows or w no columns; K = 0 and rank 0 are errors).
 
   Raises:
     ValueError / TypeError: naming the argument and expected vs actual.
     RuntimeError: a forced implementation cannot run here.
   """
+  _check_lora_args("lora_matmul", x=x, w=w, a=a, b=b, scale=scale,
+                   adapter_ids=adapter_ids, w_scale=w_scale, mesh=mesh,
+                   w_axes=w_axes)
   lora_common.check_lora_matmul_args(x, w, a, b, scale=scale,
                                      adapter_ids=adapter_ids,
                                      w_scale=w_scale)
+  _check_lora_sizes("lora_matmul", k=w.shape[0], rank=a.shape[-1])
   name = _lora_implementation("lora_matmul", implementation, x.dtype,
                               interpret)
   lead, (k, n) = x.shape[:-1], w.shape
+  if validation.has_empty_dim(lead, (n,)):
+    return jnp.zeros((*lead, n), x.dtype)  # no rows or no columns
   x2 = x.reshape(-1, k)
   ids = None if adapter_ids is None else adapter_ids.reshape(-1)
 
@@ -450,6 +482,84 @@ def _check_w_axes(op_name, w_axes, ndim):
                      f"or None for each of w's {ndim} dims, got {w_axes!r}")
 
 
+def _check_lora_args(op, *, scale, w_scale, mesh, w_axes, adapter_ids=None,
+                     **arrays):
+  """What `lora_common.check_lora_matmul_args` leaves to the public ops:
+  array-likes, a finite scale, the mesh and the axes it must have."""
+  for name, value in arrays.items():
+    validation.check_array(name, value)
+  for name, value in (("adapter_ids", adapter_ids), ("w_scale", w_scale)):
+    if value is not None:
+      validation.check_array(name, value)
+  validation.check_number("scale", scale, what="alpha / rank")
+  validation.check_mesh(op, mesh)
+  if mesh is None:
+    if w_axes is not None:
+      raise ValueError(f"{op}: w_axes {w_axes!r} is only used with a mesh; "
+                       f"pass mesh= too, or no w_axes")
+    return
+  if isinstance(w_axes, str):  # a bare name would be read letter by letter
+    raise TypeError(f"{op}: w_axes must be a tuple with one entry per dim of "
+                    f"w, got the string {w_axes!r}")
+  _check_w_axes(op, w_axes, arrays["w"].ndim)
+  validation.check_mesh_axes(op, "w_axes", w_axes, mesh)
+
+
+def _check_lora_sizes(op, *, k, rank):
+  if k == 0:
+    raise ValueError(f"{op}: w has no input features (K = 0); x @ w would "
+                     f"be all zeros")
+  if rank == 0:
+    raise ValueError(f"{op}: the adapter has rank r = 0 (a and b are empty); "
+                     f"use a rank >= 1, or no adapter")
+
+
+def _einsum_operands(equation):
+  """`(x letters, w letters, out letters)` of a two-operand einsum, or a
+  message saying why it is not one."""
+  operands, arrow, out = equation.replace(" ", "").partition("->")
+  parts = operands.split(",")
+  letters = "".join(parts) + out
+  if not arrow or len(parts) != 2 or "->" in out or not (
+      letters.isascii() and letters.isalpha()):
+    return None, ("expected two operands of letters and an output, like "
+                  "'BTD,NDH->BTNH'")
+  lhs, rhs = parts
+  for label, axes in (("x's operand", lhs), ("w's operand", rhs),
+                      ("the output", out)):
+    if len(set(axes)) != len(axes):
+      return None, f"{label} {axes!r} repeats a letter"
+  stray = sorted(set(out) - set(lhs + rhs))
+  if stray:
+    return None, f"output letters {stray} are in neither operand"
+  kept = sorted(c for c in lhs if c not in rhs and c not in out)
+  if kept:
+    return None, f"x's letters {kept} are neither contracted nor in the output"
+  return (lhs, rhs, out), None
+
+
+def _check_einsum_args(equation, x, w):
+  """Raises for an equation that is malformed or does not fit x and w."""
+  if not isinstance(equation, str):
+    raise TypeError(f"lora_einsum: equation must be a str, got "
+                    f"{type(equation).__name__}")
+  parsed, why = _einsum_operands(equation)
+  if parsed is None:
+    raise ValueError(f"lora_einsum: equation {equation!r}: {why}")
+  lhs, rhs, _ = parsed
+  for name, axes, value in (("x", lhs, x), ("w", rhs, w)):
+    if len(axes) != value.ndim:
+      raise ValueError(f"lora_einsum: equation {equation!r} gives {name} "
+                       f"{len(axes)} axes ({axes!r}) but {name} has shape "
+                       f"{tuple(value.shape)}")
+  x_size, w_size = dict(zip(lhs, x.shape)), dict(zip(rhs, w.shape))
+  for c in lhs:
+    if c in w_size and x_size[c] != w_size[c]:
+      raise ValueError(f"lora_einsum: axis {c!r} of {equation!r} is "
+                       f"{x_size[c]} in x {tuple(x.shape)} but {w_size[c]} "
+                       f"in w {tuple(w.shape)}")
+
+
 def lora_einsum(equation, x, w, lora_a, lora_b, *, scale, w_scale=None,
                 mesh=None, w_axes=None, implementation=None,
                 interpret=False):
@@ -481,6 +591,9 @@ def lora_einsum(equation, x, w, lora_a, lora_b, *, scale, w_scale=None,
       or adapter shapes that do not fit it.
     TypeError: dtypes, as `lora_matmul`.
   """
+  _check_lora_args("lora_einsum", x=x, w=w, lora_a=lora_a, lora_b=lora_b,
+                   scale=scale, w_scale=w_scale, mesh=mesh, w_axes=w_axes)
+  _check_einsum_args(equation, x, w)
   plan = lora_einsum_plan(equation, x.shape, w.shape)
   if plan is None:
     raise ValueError(f"lora_einsum cannot express {equation!r} with x "
@@ -508,8 +621,11 @@ def lora_einsum(equation, x, w, lora_a, lora_b, *, scale, w_scale=None,
       jax.ShapeDtypeStruct((plan.k, rank), lora_a.dtype),
       jax.ShapeDtypeStruct((rank, plan.n), lora_b.dtype), scale=scale,
       adapter_ids=None, w_scale=scale_2d)
+  _check_lora_sizes("lora_einsum", k=plan.k, rank=rank)
   name = _lora_implementation("lora_einsum", implementation, x.dtype,
                               interpret)
+  if validation.has_empty_dim(plan.out_shape):
+    return jnp.zeros(plan.out_shape, x.dtype)
 
   def reference(x, w, lora_a, lora_b, w_scale):
     if w_scale is not None:
@@ -550,6 +666,8 @@ def lora_einsum_plan(equation, x_shape, w_shape):
   """How `lora_einsum` maps `equation`, or None if it cannot express it."""
   if not isinstance(equation, str):
     raise TypeError(f"equation must be a str, got {type(equation).__name__}")
+  if _einsum_operands(equation)[0] is None:
+    return None
   return lora_einsum_lib.plan(equation, tuple(x_shape), tuple(w_shape))
 
 
@@ -581,17 +699,21 @@ def softcapped_cross_entropy(hidden, embedding, targets, weights, *,
     interpret: run the Pallas kernel in interpret mode (CPU).
     block_sizes: the implementation's `BlockSizes`, or None for defaults.
     mesh: a `('fsdp', 'tp')` mesh, or None for the mesh in context (none:
-      unsharded).
+      unsharded). A mesh with neither axis is an error.
 
   Returns:
-    `(sum(weights * nll), sum(weights))`, float32 scalars.
+    `(sum(weights * nll), sum(weights))`, float32 scalars; `(0, 0)` when
+    there are no tokens (B or T is 0).
 
   Raises:
     ValueError / TypeError: naming the argument and expected vs actual.
   """
-  _check_loss_args(hidden, embedding, targets, weights, softcap)
+  _check_loss_args(hidden, embedding, targets, weights, softcap, mesh)
   name = implementations.resolve("softcapped_cross_entropy", implementation,
                                  _LOSS, interpret=interpret)
+  if validation.has_empty_dim(hidden.shape[:2]):
+    # No tokens: both sums are 0 (the kernels tile the token axis).
+    return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
   targets = targets.astype(jnp.int32)
   weights = weights.astype(jnp.float32)
   if (block_sizes is not None and name != implementations.BY_PLATFORM and
@@ -629,7 +751,10 @@ _LOSS_MODULES = {implementations.PALLAS_TPU: loss_pallas.BlockSizes,
                  implementations.XLA: loss_xla.BlockSizes}
 
 
-def _check_loss_args(hidden, embedding, targets, weights, softcap):
+def _check_loss_args(hidden, embedding, targets, weights, softcap, mesh):
+  for name, x in (("hidden", hidden), ("embedding", embedding),
+                  ("targets", targets), ("weights", weights)):
+    validation.check_array(name, x)
   for name, x, rank in (("hidden", hidden, "[B, T, D]"),
                         ("embedding", embedding, "[V, D]")):
     if getattr(x, "ndim", None) != len(rank.split(",")):
@@ -654,10 +779,19 @@ def _check_loss_args(hidden, embedding, targets, weights, softcap):
           weights.dtype == jnp.bool_):
     raise TypeError(f"weights must be boolean or floating, got "
                     f"{weights.dtype}")
-  if softcap is not None and not (isinstance(softcap, (int, float)) and
-                                  softcap > 0):
-    raise ValueError(f"softcap must be a positive number or None, got "
-                     f"{softcap!r}")
+  validation.check_number("softcap", softcap, positive=True, allow_none=True)
+  vocab, embed_dim = embedding.shape
+  if vocab == 0 or embed_dim == 0:
+    raise ValueError(f"embedding must have V >= 1 rows and D >= 1 columns, "
+                     f"got shape {embedding.shape}")
+  validation.check_mesh("softcapped_cross_entropy", mesh)
+  wanted = (loss_fused.BATCH_AXIS, loss_fused.VOCAB_AXIS)
+  if mesh is not None and not set(wanted) & set(mesh.axis_names):
+    # It would run unsharded without a word.
+    raise ValueError(f"softcapped_cross_entropy: mesh has axes "
+                     f"{tuple(mesh.axis_names)}, none of {wanted} (tokens "
+                     f"are split over {wanted[0]!r}, the vocab over "
+                     f"{wanted[1]!r})")
   if not isinstance(targets, jax.core.Tracer) and targets.size:
     vocab = embedding.shape[0]
     ids = np.asarray(targets)

@@ -74,11 +74,20 @@ def read_dataset(path: str | os.PathLike) -> list[dict]:
     DatasetError: naming the file and line of the first bad record.
   """
   records = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
+  if os.path.isdir(path):
+    raise DatasetError(f"--data: {os.fspath(path)!r} is a directory, not a "
+                       "JSONL file")
+  if not os.path.exists(path):
+    raise DatasetError(f"--data: {os.fspath(path)!r} does not exist")
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, 1):
+      where = f"{os.fspath(path)}:{number}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise DatasetError(f"{where}: not UTF-8 text ({e})") from None
       if not line.strip():
         continue
-      where = f"{os.fspath(path)}:{number}"
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
@@ -106,10 +115,14 @@ def load_tokenizer(checkpoint_dir: str | os.PathLike):
   """The checkpoint's own `tokenizer.json` (`tokenizers` library)."""
   import tokenizers  # pylint: disable=g-import-not-at-top
   path = os.path.join(checkpoint_dir, TOKENIZER_FILE)
-  if not os.path.exists(path):
+  if not os.path.isfile(path):
     raise FileNotFoundError(f"checkpoint: no {TOKENIZER_FILE} in "
                             f"{os.fspath(checkpoint_dir)}")
-  return tokenizers.Tokenizer.from_file(path)
+  try:
+    return tokenizers.Tokenizer.from_file(path)
+  except Exception as e:  # the Rust library raises a bare Exception
+    raise ValueError(f"checkpoint: {path} is not a tokenizers file: "
+                     f"{e}") from None
 
 
 def tokenize(records: Iterable[dict], tokenizer) -> list[Example]:
@@ -140,9 +153,7 @@ def tunix_config(checkpoint_dir: str | os.PathLike, *, dtype="float32"):
   """A Tunix Gemma 4 `ModelConfig` from a Hugging Face `config.json`."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from tunix.models.gemma4 import model as gemma4_lib  # pylint: disable=g-import-not-at-top
-  with open(os.path.join(checkpoint_dir, CONFIG_FILE)) as f:
-    config = json.load(f)
-  text = config.get("text_config") or config
+  text = read_text_config(checkpoint_dir)
   layer_types = text["layer_types"]
   kinds = {"full_attention": gemma4_lib.AttentionType.GLOBAL,
            "sliding_attention": gemma4_lib.AttentionType.LOCAL_SLIDING}
@@ -177,6 +188,57 @@ def tunix_config(checkpoint_dir: str | os.PathLike, *, dtype="float32"):
       param_dtype=dtype, dtype=dtype)
 
 
+# Fields of config.json (or its text_config) that `tunix_config` needs,
+# all positive integers except layer_types.
+_REQUIRED_SIZES = ("num_hidden_layers", "vocab_size", "hidden_size",
+                   "intermediate_size", "num_attention_heads", "head_dim",
+                   "num_key_value_heads")
+
+
+def read_text_config(checkpoint_dir: str | os.PathLike) -> dict:
+  """The checkpoint's Gemma 4 text config, every field `tunix_config`
+  reads checked (before any model is built).
+
+  Raises:
+    FileNotFoundError: no config.json; ValueError: naming file and field.
+  """
+  from gemma4_jax import validation  # pylint: disable=g-import-not-at-top
+  path = os.path.join(checkpoint_dir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"checkpoint: no {CONFIG_FILE} in "
+                            f"{os.fspath(checkpoint_dir)}")
+  try:
+    with open(path, encoding="utf-8") as f:
+      config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"checkpoint: {path} is not valid JSON: {e}") from None
+  validation.json_object(config, path)
+  text = config.get("text_config") or config
+  where = path + (": text_config" if text is not config else "")
+  validation.json_object(text, where)
+  for field in _REQUIRED_SIZES:
+    validation.json_field(text, field, where, kind="int", positive=True,
+                          required=True)
+  layer_types = validation.json_field(text, "layer_types", where,
+                                      kind="list", required=True)
+  if len(layer_types) != text["num_hidden_layers"]:
+    raise ValueError(f"{where}: layer_types has {len(layer_types)} entries "
+                     f"but num_hidden_layers is {text['num_hidden_layers']}")
+  known = ("full_attention", "sliding_attention")
+  unknown = sorted({repr(t) for t in layer_types if t not in known})
+  if unknown:
+    raise ValueError(f"{where}: unknown layer_types {unknown}; expected "
+                     f"{known}")
+  for field in ("final_logit_softcapping", "sliding_window"):
+    validation.json_field(text, field, where, kind="number", positive=True)
+  shared = validation.json_field(text, "num_kv_shared_layers", where,
+                                 kind="int")
+  if shared is not None and not 0 <= shared < text["num_hidden_layers"]:
+    raise ValueError(f"{where}: num_kv_shared_layers must be in [0, "
+                     f"num_hidden_layers), got {shared}")
+  return text
+
+
 def load_model(checkpoint_dir: str | os.PathLike, *, dtype="float32"):
   """A Tunix Gemma 4 from a Hugging Face checkpoint (Tunix's loader)."""
   from tunix.models.gemma4 import params_safetensors  # pylint: disable=g-import-not-at-top
@@ -186,9 +248,10 @@ def load_model(checkpoint_dir: str | os.PathLike, *, dtype="float32"):
 
 
 @contextlib.contextmanager
-def merged_checkpoint(checkpoint_dir: str | os.PathLike, adapter: str, *,
+def merged_checkpoint(checkpoint_dir: str | os.PathLike, adapter, *,
                       alpha: float | None = None):
-  """Yields a temporary directory with `adapter` merged into the base."""
+  """Yields a temporary directory with `adapter` (a path or a loaded
+  `export.adapter.Adapter`) merged into the base."""
   from gemma4_jax.export import merging  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory(prefix="gemma4_jax_ppl_") as tmp:
     out = os.path.join(tmp, "merged")
@@ -318,27 +381,28 @@ def top_k(model, example: Example, k: int) -> TopK:
 
 def run(checkpoint: str, data: str, *, adapter: str | None = None,
         alpha: float | None = None, top_k_count: int | None = None,
-        inspect: Sequence[int] = (0,), dtype: str = "float32",
+        inspect: Sequence[int] | None = None, dtype: str = "float32",
         progress=None, implementation: str | None = None, out=None) -> dict:
   """The `gemma4-jax perplexity` command: prints a report, returns it.
+
+  Every argument, file and token id is checked before a model is loaded.
+
+  Args:
+    inspect: example indices for `top_k_count` (default: example 0); only
+      with `top_k_count`.
 
   Returns:
     `{"base": Result, "adapted": Result or absent, "top_k": {...}}`.
 
   Raises:
-    DatasetError: a bad dataset line; ValueError: bad arguments.
+    DatasetError: a bad dataset (a line, no scored tokens); ValueError: bad
+      arguments, files, or token ids outside the model's vocabulary.
   """
   import sys  # pylint: disable=g-import-not-at-top
   out = out or sys.stdout
-  records = read_dataset(data)
-  if not records:
-    raise DatasetError(f"{data}: no examples")
-  tokenizer = load_tokenizer(checkpoint)
-  examples = tokenize(records, tokenizer)
-  bad = [i for i in inspect if not 0 <= i < len(examples)]
-  if top_k_count is not None and bad:
-    raise ValueError(f"--inspect: examples {bad} out of range [0, "
-                     f"{len(examples)})")
+  tokenizer, examples, inspect, adapter = _preflight(
+      checkpoint, data, adapter=adapter, alpha=alpha,
+      top_k_count=top_k_count, inspect=inspect, dtype=dtype)
   models = [("base", lambda: contextlib.nullcontext(checkpoint))]
   if adapter is not None:
     models.append(("adapted", lambda: merged_checkpoint(checkpoint, adapter,
@@ -357,6 +421,77 @@ def run(checkpoint: str, data: str, *, adapter: str | None = None,
   _print_report(report, [name for name, _ in models], examples, tokenizer,
                 out)
   return report
+
+
+def _preflight(checkpoint, data, *, adapter, alpha, top_k_count, inspect,
+               dtype):
+  """`run`'s checks, cheapest first, all before a model is loaded: flags,
+  files, the dataset, token ids against the vocabulary, the adapter.
+
+  Returns:
+    `(tokenizer, examples, inspect, adapter)`: the adapter loaded (an
+    `export.adapter.Adapter`, checked against the base), or None.
+  """
+  from gemma4_jax import validation  # pylint: disable=g-import-not-at-top
+  from gemma4_jax.export import adapter as adapter_lib  # pylint: disable=g-import-not-at-top
+  from gemma4_jax.export import base as base_lib  # pylint: disable=g-import-not-at-top
+  # Flags that would be ignored are refused: a report that silently left
+  # out what was asked for reads like an answer.
+  if top_k_count is None and inspect is not None:
+    raise ValueError("--inspect only selects examples for --top-k; pass "
+                     "--top-k K too")
+  if adapter is None and alpha is not None:
+    raise ValueError("--alpha is the alpha of --adapter; pass --adapter too")
+  if top_k_count is not None:
+    validation.check_int("--top-k", top_k_count, minimum=1)
+  inspect = (0,) if inspect is None else tuple(inspect)
+  for index in inspect:
+    validation.check_int("--inspect", index)
+  if dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"--dtype: expected float32 or bfloat16, got {dtype!r}")
+  adapter_lib.check_rank_alpha(None, alpha)
+  validation.check_input_dir("checkpoint", checkpoint)
+  if adapter is not None:
+    validation.check_input_dir("--adapter", adapter)
+  records = read_dataset(data)
+  if not records:
+    raise DatasetError(f"{data}: no examples")
+  text = read_text_config(checkpoint)
+  tokenizer = load_tokenizer(checkpoint)
+  examples = tokenize(records, tokenizer)
+  if not any(example.scored.any() for example in examples):
+    raise DatasetError(
+        f"{data}: no scored tokens (a 'text' line scores every token after "
+        f"the first, a 'prompt'/'completion' line its completion tokens); "
+        f"the mean NLL of nothing is undefined")
+  vocab = text["vocab_size"]
+  for index, example in enumerate(examples):
+    if len(example.tokens) and int(example.tokens.max()) >= vocab:
+      # Out-of-vocabulary ids would read no row of the LM head and score
+      # a perfect 0 NLL.
+      raise ValueError(
+          f"checkpoint: {os.path.join(checkpoint, TOKENIZER_FILE)} gives "
+          f"token id {int(example.tokens.max())} (example {index}) but the "
+          f"model's vocab_size is {vocab} (ids 0..{vocab - 1}); the "
+          f"tokenizer does not belong to this checkpoint")
+  if top_k_count is not None:
+    if top_k_count > vocab:
+      raise ValueError(f"--top-k: {top_k_count} is more than the vocabulary "
+                       f"({vocab} tokens)")
+    bad = [i for i in inspect if not 0 <= i < len(examples)]
+    if bad:
+      raise ValueError(f"--inspect: examples {bad} out of range [0, "
+                       f"{len(examples)})")
+    short = [i for i in inspect if len(examples[i].tokens) < 2]
+    if short:
+      raise ValueError(f"--inspect: example(s) {short} have fewer than 2 "
+                       f"tokens: nothing is predicted in them")
+  if adapter is not None:
+    loaded = adapter_lib.load_adapter(adapter, alpha=alpha)
+    base_lib.place_deltas(base_lib.open_base(checkpoint), loaded.deltas,
+                          untie=False)
+    adapter = loaded
+  return tokenizer, examples, inspect, adapter
 
 
 def _print_report(report, names, examples, tokenizer, out):

@@ -102,6 +102,10 @@ def offload_table(model, table: HostTable | None = None) -> HostTable:
   Raises:
     ValueError: the model has no PLE table, or `table` does not match it.
   """
+  if table is not None and not isinstance(table, HostTable):
+    raise TypeError(f"offload_table: table must be a HostTable (e.g. "
+                    f"HostTable.from_safetensors(...)) or None, got "
+                    f"{type(table).__name__}")
   embedder = getattr(model, "embedder", model)
   param = getattr(embedder, "per_layer_input_embedding", None)
   if param is None:

@@ -23,10 +23,11 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # Work units for `make test`'s two pytest-xdist workers (`--dist loadgroup`):
 # a test file is one unit, so its module-scoped models are built once;
-# tests/export is one, for its session-scoped tiny training run; each Tunix
-# main run (a subprocess of minutes) is a unit of its own.
+# tests/export is one, for its session-scoped tiny training run, and so is
+# tests/bad_input, for its session-scoped files; each Tunix main run (a
+# subprocess of minutes) is a unit of its own.
 _TUNIX_MAIN = "tests/tunix_main/"
-_ONE_UNIT = ("tests/export/",)
+_ONE_UNIT = ("tests/export/", "tests/bad_input/")
 # Handed out first: the Tunix main runs, then the longest TPU compiles (a
 # shortened E2B training step, attention at E2B/E4B/31B shapes).
 _LONG_FIRST = (_TUNIX_MAIN, "tests/test_fit.py",

@@ -8,11 +8,14 @@ result is an `Adapter`: its LoRA pairs in the Hugging Face convention
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import re
+import sys
 
 import numpy as np
 
@@ -64,16 +67,52 @@ def load_adapter(path: str | os.PathLike, *, rank: int | None = None,
       parameters that are not Gemma 4 LoRA targets.
   """
   path = os.fspath(path)
-  if rank is not None and (not isinstance(rank, int) or rank <= 0):
-    raise AdapterError(f"rank: expected a positive int, got {rank!r}")
-  if alpha is not None and not (isinstance(alpha, (int, float)) and
-                                math.isfinite(alpha) and alpha > 0):
-    raise AdapterError(f"alpha: expected a positive number, got {alpha!r}")
+  check_rank_alpha(rank, alpha)
   if not os.path.isdir(path):
     raise AdapterError(f"adapter: {path!r} is not a directory")
   if os.path.exists(os.path.join(path, PEFT_CONFIG)):
     return _load_peft(path, rank, alpha)
   return _load_tunix(path, rank, alpha)
+
+
+def check_rank_alpha(rank, alpha) -> None:
+  """`rank` (--rank) a positive int and `alpha` (--alpha) a finite
+  positive number, each or None."""
+  if rank is not None and (isinstance(rank, bool) or
+                           not isinstance(rank, int) or rank <= 0):
+    raise AdapterError(f"rank (--rank): expected a positive int, got "
+                       f"{rank!r}")
+  if alpha is not None and (isinstance(alpha, bool) or not (
+      isinstance(alpha, (int, float)) and math.isfinite(alpha) and
+      alpha > 0)):
+    raise AdapterError(f"alpha (--alpha): expected a positive number, got "
+                       f"{alpha!r}")
+
+
+def _recorded(meta: dict, keys, where: str, *, kind: str):
+  """A rank or alpha recorded in a file, checked as `--rank`/`--alpha`
+  are: a recorded alpha of 0 would drop the adapter, a negative one
+  subtract it, and either would still pass verification."""
+  for key in keys:
+    if meta.get(key) is None:
+      continue
+    value = meta[key]
+    ok = (not isinstance(value, bool) and
+          isinstance(value, int if kind == "rank" else (int, float)) and
+          math.isfinite(value) and value > 0)
+    if not ok:
+      raise AdapterError(
+          f"adapter: {where}: field {key!r} must be a positive "
+          f"{'integer' if kind == 'rank' else 'number'} (the LoRA {kind}), "
+          f"got {value!r}")
+    return value
+  return None
+
+
+def _check_shape_rank(rank: int, where: str) -> None:
+  if rank < 1:
+    raise AdapterError(f"adapter: the LoRA tensors in {where} have rank "
+                       f"{rank} (empty A and B); nothing to merge")
 
 
 def resolve_tunix_step(path: str) -> tuple[str, str]:
@@ -101,19 +140,21 @@ def read_tunix_params(params_dir: str) -> dict[str, np.ndarray]:
   # Imported here: only Tunix checkpoints need orbax (and with it jax).
   import jax  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  _drop_closed_loop_noise()
   checkpointer = ocp.PyTreeCheckpointer()
   params_dir = os.path.abspath(params_dir)  # orbax refuses relative paths
   try:
-    metadata = checkpointer.metadata(params_dir)
-    tree = getattr(metadata, "item_metadata", metadata)
-    tree = getattr(tree, "tree", tree)
-    restore_args = jax.tree.map(
-        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    restored = checkpointer.restore(params_dir, restore_args=restore_args)
+    with _quiet_absl():
+      metadata = checkpointer.metadata(params_dir)
+      tree = getattr(metadata, "item_metadata", metadata)
+      tree = getattr(tree, "tree", tree)
+      restore_args = jax.tree.map(
+          lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      restored = checkpointer.restore(params_dir, restore_args=restore_args)
   except Exception as e:  # orbax raises many types for a damaged checkpoint
     raise AdapterError(
         f"adapter: cannot restore the orbax checkpoint {params_dir!r}: "
-        f"{type(e).__name__}: {e}") from e
+        f"{type(e).__name__}: {_first_line(e)}") from e
   flat = {}
   for key_path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]:
     keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in key_path]
@@ -123,22 +164,74 @@ def read_tunix_params(params_dir: str) -> dict[str, np.ndarray]:
   return flat
 
 
+def _first_line(error: BaseException, limit: int = 300) -> str:
+  """orbax/tensorstore errors end in a JSON spec of thousands of
+  characters; the cause is in the first part."""
+  text = str(error).split(" [tensorstore_spec=")[0].strip().splitlines()
+  text = text[0] if text else ""
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+  """orbax logs a damaged checkpoint's symptoms through absl before it
+  raises; the raised error says it in one line."""
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.CRITICAL)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+_NOISE_FILTER_INSTALLED = False
+
+
+def _drop_closed_loop_noise() -> None:
+  """Drops one known message from the process's unraisable hook.
+
+  When orbax gives up on a damaged checkpoint it closes its asyncio loop
+  while tensorstore's I/O threads still post results to it; each post then
+  raises "Event loop is closed" inside a C callback, which Python reports
+  through `sys.unraisablehook` as a bare traceback (up to ~90, at any time
+  later in the process). Those are noise: the restore's own error is
+  raised. Anything else goes to the previous hook.
+  """
+  global _NOISE_FILTER_INSTALLED
+  if _NOISE_FILTER_INSTALLED:
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    value = unraisable.exc_value
+    if isinstance(value, RuntimeError) and str(value) == \
+        "Event loop is closed":
+      return
+    previous(unraisable)
+  sys.unraisablehook = hook
+  _NOISE_FILTER_INSTALLED = True
+
+
 def _tunix_custom_metadata(step_dir: str) -> dict:
+  """The custom metadata of a Tunix step, where a rank/alpha may be."""
   path = os.path.join(step_dir, "_CHECKPOINT_METADATA")
   if not os.path.exists(path):
     return {}
   try:
-    with open(path) as f:
-      return json.load(f).get("custom_metadata") or {}
-  except (json.JSONDecodeError, AttributeError):
-    return {}
-
-
-def _first(meta: dict, keys) -> float | None:
-  for key in keys:
-    if meta.get(key) is not None:
-      return meta[key]
-  return None
+    with open(path, encoding="utf-8") as f:
+      meta = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise AdapterError(f"adapter: {path} is not valid JSON ({e}); the "
+                       f"checkpoint is damaged") from None
+  if not isinstance(meta, dict):
+    raise AdapterError(f"adapter: {path}: expected a JSON object, got "
+                       f"{type(meta).__name__}")
+  custom = meta.get("custom_metadata") or {}
+  if not isinstance(custom, dict):
+    raise AdapterError(f"adapter: {path}: field 'custom_metadata' must be an "
+                       f"object, got {custom!r}")
+  return custom
 
 
 def _resolve(name: str, given, recorded, from_shapes, where: str):
@@ -160,6 +253,7 @@ def _resolve(name: str, given, recorded, from_shapes, where: str):
 
 def _load_tunix(path: str, rank, alpha) -> Adapter:
   step_dir, params_dir = resolve_tunix_step(path)
+  meta = _tunix_custom_metadata(step_dir)  # cheap: before the restore
   flat = read_tunix_params(params_dir)
   if not flat:
     raise AdapterError(f"adapter: {params_dir!r} holds no parameters")
@@ -168,15 +262,17 @@ def _load_tunix(path: str, rank, alpha) -> Adapter:
     shape_rank = mapping.tunix_rank(pairs)
   except mapping.AdapterMappingError as e:
     raise AdapterError(f"{e} (in {params_dir})") from None
-  meta = _tunix_custom_metadata(step_dir)
-  rank = _resolve("rank", rank, _first(meta, _RANK_KEYS), shape_rank,
-                  step_dir)
-  alpha = _resolve("alpha", alpha, _first(meta, _ALPHA_KEYS), None, step_dir)
+  where = os.path.join(step_dir, "_CHECKPOINT_METADATA") + " custom_metadata"
+  rank = _resolve("rank", rank, _recorded(meta, _RANK_KEYS, where,
+                                          kind="rank"), shape_rank, step_dir)
+  alpha = _resolve("alpha", alpha, _recorded(meta, _ALPHA_KEYS, where,
+                                             kind="alpha"), None, step_dir)
   if alpha is None:
     raise AdapterError(
         f"alpha: the Tunix checkpoint {step_dir!r} does not record the LoRA "
         f"alpha; pass --alpha (and optionally --rank) with the values given "
         f"to qwix.LoraProvider in training (rank in the tensors: {rank})")
+  _check_shape_rank(shape_rank, params_dir)
   scale = float(alpha) / int(rank)
   try:
     deltas = mapping.tunix_to_deltas(pairs, scale=scale)
@@ -193,10 +289,21 @@ _PEFT_KEY = re.compile(
 def _load_peft(path: str, rank, alpha) -> Adapter:
   config_path = os.path.join(path, PEFT_CONFIG)
   try:
-    with open(config_path) as f:
+    with open(config_path, encoding="utf-8") as f:
       config = json.load(f)
-  except json.JSONDecodeError as e:
-    raise AdapterError(f"adapter: {config_path} is not valid JSON: {e}")
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise AdapterError(
+        f"adapter: {config_path} is not valid JSON: {e}") from None
+  if not isinstance(config, dict):
+    raise AdapterError(f"adapter: {config_path}: expected a JSON object, got "
+                       f"{type(config).__name__}")
+  for flag in ("use_dora", "fan_in_fan_out", "use_rslora"):
+    if config.get(flag) is not None and not isinstance(config[flag], bool):
+      raise AdapterError(f"adapter: {config_path}: field {flag!r} must be "
+                         f"true or false, got {config[flag]!r}")
+  recorded_rank = _recorded(config, ("r",), config_path, kind="rank")
+  recorded_alpha = _recorded(config, ("lora_alpha",), config_path,
+                             kind="alpha")
   if config.get("peft_type", "LORA") != "LORA":
     raise AdapterError(f"adapter: peft_type {config.get('peft_type')!r} is "
                        "not LORA")
@@ -236,8 +343,10 @@ def _load_peft(path: str, rank, alpha) -> Adapter:
     shape_ranks.add(ab["A"].shape[0])
   if len(shape_ranks) != 1:
     raise AdapterError(f"adapter: modules have ranks {sorted(shape_ranks)}")
-  rank = _resolve("rank", rank, config.get("r"), shape_ranks.pop(), path)
-  alpha = _resolve("alpha", alpha, config.get("lora_alpha"), None, path)
+  shape_rank = shape_ranks.pop()
+  _check_shape_rank(shape_rank, weights)
+  rank = _resolve("rank", rank, recorded_rank, shape_rank, path)
+  alpha = _resolve("alpha", alpha, recorded_alpha, None, path)
   if alpha is None:
     raise AdapterError(f"alpha: {config_path} has no lora_alpha; pass --alpha")
   scale = (float(alpha) / math.sqrt(rank) if config.get("use_rslora")

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 
+from gemma4_jax import validation
 from gemma4_jax.export import mapping
 from gemma4_jax.export import safetensors_io
 
@@ -57,10 +58,12 @@ def open_base(directory: str | os.PathLike) -> BaseCheckpoint:
   config = {}
   if os.path.exists(config_path):
     try:
-      with open(config_path) as f:
+      with open(config_path, encoding="utf-8") as f:
         config = json.load(f)
-    except json.JSONDecodeError as e:
-      raise BaseCheckpointError(f"base: {config_path} is not valid JSON: {e}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise BaseCheckpointError(
+          f"base: {config_path} is not valid JSON: {e}") from None
+    check_config(config, config_path)
   embeds = [n for n in tensors if n.endswith(_EMBED_SUFFIX) and
             "per_layer" not in n and "vision" not in n and "audio" not in n]
   if len(embeds) != 1:
@@ -69,6 +72,24 @@ def open_base(directory: str | os.PathLike) -> BaseCheckpoint:
         f"found {embeds or 'none'}; is this a Gemma 4 checkpoint?")
   prefix = embeds[0][:-len(_EMBED_SUFFIX)]
   return BaseCheckpoint(directory, tensors, config, prefix)
+
+
+def check_config(config, where: str) -> None:
+  """The `config.json` fields the merge reads, checked like arguments."""
+  validation.json_object(config, f"base: {where}")
+  text = config.get("text_config")
+  if text is not None:
+    validation.json_object(text, f"base: {where}: text_config")
+  for container, label in ((config, where), (text or {}, f"{where}: "
+                                             "text_config")):
+    validation.json_field(container, "tie_word_embeddings", f"base: {label}",
+                          kind="bool")
+  text = text or config
+  for field in ("num_kv_shared_layers", "num_hidden_layers"):
+    value = validation.json_field(text, field, f"base: {where}", kind="int")
+    if value is not None and value < 0:
+      raise BaseCheckpointError(f"base: {where}: field {field!r} must be >= "
+                                f"0, got {value}")
 
 
 def place_deltas(base: BaseCheckpoint, deltas, *, untie: bool

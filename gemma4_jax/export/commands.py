@@ -94,7 +94,8 @@ def _run(name: str, body) -> int:
           file=sys.stderr)
     return EXIT_INTERRUPTED
   except (ValueError, OSError, RuntimeError) as e:
-    print(f"gemma4-jax {name}: error: {e}", file=sys.stderr)
+    message = " ".join(str(e).split())  # one line, whatever the cause
+    print(f"gemma4-jax {name}: error: {message}", file=sys.stderr)
     return EXIT_ERROR
   return EXIT_OK
 

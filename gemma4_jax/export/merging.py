@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 
+from gemma4_jax import validation
 from gemma4_jax.export import adapter as adapter_lib
 from gemma4_jax.export import base as base_lib
 from gemma4_jax.export import merge_kernel
@@ -107,6 +108,12 @@ def merge(base_dir: str | os.PathLike, adapter, out_dir: str | os.PathLike,
     MergeError: writing or verification failed (nothing left at `out_dir`).
   """
   start = time.perf_counter()
+  # Every cheap check before the first file is opened.
+  for name, value in (("force", force), ("untie", untie),
+                      ("verify_output", verify_output),
+                      ("progress", progress)):
+    validation.check_bool(name, value)
+  adapter_lib.check_rank_alpha(rank, alpha)
   shard_bytes = safetensors_io.parse_size(shard_size)
   base_dir, out_dir = os.fspath(base_dir), os.path.abspath(os.fspath(out_dir))
   _check_output_path(base_dir, out_dir, force)

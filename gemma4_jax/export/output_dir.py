@@ -64,5 +64,11 @@ def _move_into_place(tmp_dir: str, out_dir: str) -> None:
     os.rename(out_dir, old)
   os.rename(tmp_dir, out_dir)
   fsync_dir(os.path.dirname(out_dir))
-  if old is not None:
+  if old is None:
+    return
+  # `--force` may replace a file or a symlink too; rmtree refuses those (and
+  # ignore_errors would leave the hidden `.old-PID` behind).
+  if os.path.isdir(old) and not os.path.islink(old):
     shutil.rmtree(old, ignore_errors=True)
+  else:
+    os.remove(old)

@@ -14,6 +14,7 @@ import os
 
 import numpy as np
 
+from gemma4_jax import validation
 from gemma4_jax.export import adapter as adapter_lib
 from gemma4_jax.export import base as base_lib
 from gemma4_jax.export import mapping
@@ -42,8 +43,12 @@ def export_adapter(adapter, out_dir: str | os.PathLike, *,
   Returns:
     The output directory.
   """
+  validation.check_bool("force", force)
+  adapter_lib.check_rank_alpha(rank, alpha)
   out_dir = os.path.abspath(os.fspath(out_dir))
   output_dir.check_new(out_dir, force=force)
+  if base_dir is not None:
+    validation.check_input_dir("base (--base)", base_dir)
   if not isinstance(adapter, adapter_lib.Adapter):
     adapter = adapter_lib.load_adapter(adapter, rank=rank, alpha=alpha)
   for delta in adapter.deltas:

@@ -90,11 +90,7 @@ class SafetensorsFile:
     self.tensors: dict[str, TensorInfo] = {}
     spans = []
     for name, entry in header.items():
-      try:
-        dtype, shape = entry["dtype"], tuple(int(d) for d in entry["shape"])
-        begin, end = (int(x) for x in entry["data_offsets"])
-      except (KeyError, TypeError, ValueError) as e:
-        raise CorruptFileError(f"{self.path}: bad header entry {name!r}: {e}")
+      dtype, shape, (begin, end) = _header_entry(self.path, name, entry)
       if dtype not in DTYPES:
         raise CorruptFileError(
             f"{self.path}: tensor {name!r} has unknown dtype {dtype!r}")
@@ -116,6 +112,31 @@ class SafetensorsFile:
       if begin < end:
         raise CorruptFileError(
             f"{self.path}: tensors {a!r} and {b!r} overlap")
+
+
+def _header_entry(path: str, name: str, entry) -> tuple:
+  """`(dtype, shape, (begin, end))` of one header entry, checked strictly:
+  `int()` would turn a dimension of 2.7 into 2 or "3" into 3, and a
+  negative dimension would be copied into an output header."""
+  def bad(why):
+    return CorruptFileError(f"{path}: header entry {name!r}: {why}")
+  if not isinstance(entry, dict):
+    raise bad(f"expected an object, got {type(entry).__name__}")
+  missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+  if missing:
+    raise bad(f"missing field(s) {missing}")
+  dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+  if not isinstance(dtype, str):
+    raise bad(f"field 'dtype' must be a string, got {dtype!r}")
+  natural = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
+  if not isinstance(shape, list) or not all(natural(d) for d in shape):
+    raise bad(f"field 'shape' must be a list of non-negative integers, got "
+              f"{shape!r}")
+  if (not isinstance(offsets, list) or len(offsets) != 2 or
+      not all(natural(o) for o in offsets)):
+    raise bad(f"field 'data_offsets' must be [begin, end], two non-negative "
+              f"integers, got {offsets!r}")
+  return dtype, tuple(shape), tuple(offsets)
 
 
 def read_tensor(info: TensorInfo, rows: slice | None = None) -> np.ndarray:
@@ -170,12 +191,25 @@ def load_checkpoint_index(directory: str | os.PathLike) -> dict[str, TensorInfo]
   index_path = os.path.join(directory, INDEX_NAME)
   if os.path.exists(index_path):
     try:
-      with open(index_path) as f:
-        weight_map = json.load(f)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise CorruptFileError(f"{index_path}: not a safetensors index: {e}")
+      with open(index_path, encoding="utf-8") as f:
+        index = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise CorruptFileError(f"{index_path}: not valid JSON: {e}") from None
+    if not isinstance(index, dict) or not isinstance(index.get("weight_map"),
+                                                     dict):
+      raise CorruptFileError(
+          f"{index_path}: not a safetensors index: expected an object with a "
+          f"'weight_map' object, got "
+          f"{type(index.get('weight_map') if isinstance(index, dict) else index).__name__}")
+    weight_map = index["weight_map"]
     by_file: dict[str, set[str]] = {}
     for name, file in weight_map.items():
+      # A file name with a separator could point outside the checkpoint.
+      if not isinstance(file, str) or not file or os.sep in file or \
+          file in (".", ".."):
+        raise CorruptFileError(
+            f"{index_path}: weight_map[{name!r}] must be a file name in "
+            f"{directory}, got {file!r}")
       by_file.setdefault(file, set()).add(name)
     tensors: dict[str, TensorInfo] = {}
     for file, names in sorted(by_file.items()):
@@ -297,7 +331,13 @@ def write_index(directory: str, weight_map: dict[str, str],
 
 def parse_size(text: str | int) -> int:
   """'5GB' -> 5_000_000_000; also KB/MB/GB/TB, KiB/MiB/GiB and plain bytes."""
+  if isinstance(text, bool) or not isinstance(text, (int, str)):
+    raise TypeError(f"shard_size (--shard-size): expected a size like '5GB' "
+                    f"or a number of bytes, got {text!r}")
   if isinstance(text, int):
+    if text <= 0:
+      raise ValueError(f"shard_size (--shard-size): expected > 0 bytes, got "
+                       f"{text}")
     return text
   units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -308,9 +348,11 @@ def parse_size(text: str | int) -> int:
     value = float(digits)
   except ValueError:
     value = -1.0
-  if unit not in units or value <= 0:
-    raise ValueError(f"shard_size: expected a size like '5GB' or '500MiB', "
-                     f"got {text!r}")
+  # nan and inf parse as floats; neither is a size.
+  if unit not in units or not (math.isfinite(value) and value > 0) or \
+      value * units[unit] < 1:
+    raise ValueError(f"shard_size (--shard-size): expected a size of at "
+                     f"least one byte like '5GB' or '500MiB', got {text!r}")
   return int(value * units[unit])
 
 
