@@ -177,12 +177,14 @@ def tunix_config(checkpoint_dir: str | os.PathLike, *, dtype="float32"):
       param_dtype=dtype, dtype=dtype)
 
 
-def load_model(checkpoint_dir: str | os.PathLike, *, dtype="float32"):
-  """A Tunix Gemma 4 from a Hugging Face checkpoint (Tunix's loader)."""
+def load_model(checkpoint_dir: str | os.PathLike, *, dtype="float32",
+               mesh=None):
+  """A Tunix Gemma 4 from a Hugging Face checkpoint (Tunix's loader; with
+  `mesh`, the weights are sharded by Tunix's `('fsdp', 'tp')` shardings)."""
   from tunix.models.gemma4 import params_safetensors  # pylint: disable=g-import-not-at-top
   config = tunix_config(checkpoint_dir, dtype=dtype)
   return params_safetensors.create_model_from_safe_tensors(
-      os.fspath(checkpoint_dir), config)
+      os.fspath(checkpoint_dir), config, mesh)
 
 
 @contextlib.contextmanager
