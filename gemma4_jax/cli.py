@@ -70,9 +70,20 @@ def build_parser() -> argparse.ArgumentParser:
                           default="float32",
                           help="parameter and compute dtype (default "
                           "float32)")
+  perplexity.add_argument("--chat", action="store_true",
+                          help="score prompt/completion lines in Gemma 4's "
+                          "turn format, as the fine-tune trained on them "
+                          "(see `generate --chat`); the completion's closing "
+                          "<turn|> is scored too")
+  perplexity.add_argument("--batch-size", type=int, default=8,
+                          help="examples per batch (default 8); with several "
+                          "devices, split over an ('fsdp', 'tp') mesh")
   perplexity.add_argument("--no-progress", action="store_true",
                           help="no progress bar")
   perplexity.set_defaults(func=_run_perplexity)
+
+  from gemma4_jax import generate as generate_command  # pylint: disable=g-import-not-at-top
+  generate_command.register(commands)
 
   fit = commands.add_parser(
       "fit", help="does a Gemma 4 LoRA fine-tune fit on a TPU? (per-chip HBM, "
@@ -129,12 +140,15 @@ def _run_demo(args) -> int:
 
 
 def _run_perplexity(args) -> int:
+  from gemma4_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from gemma4_jax import perplexity  # pylint: disable=g-import-not-at-top
   try:
     perplexity.run(args.checkpoint, args.data, adapter=args.adapter,
                    alpha=args.alpha, top_k_count=args.top_k,
                    inspect=args.inspect, dtype=args.dtype,
-                   progress=False if args.no_progress else None)
+                   progress=False if args.no_progress else None,
+                   chat=args.chat, batch_size=args.batch_size,
+                   mesh=mesh_lib.default_mesh())
   except (ValueError, FileNotFoundError) as e:
     print(f"gemma4-jax perplexity: error: {e}", file=sys.stderr)
     return 2

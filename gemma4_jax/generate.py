@@ -334,6 +334,70 @@ def run(checkpoint: str, *, prompts: Sequence[str] = (),
   return results
 
 
+def register(commands) -> None:
+  """Adds `gemma4-jax generate` to the CLI's subcommands."""
+  generate = commands.add_parser(
+      "generate", help="generate text from a Hugging Face Gemma 4 checkpoint",
+      description="Completions of prompts by a Hugging Face Gemma 4 "
+      "checkpoint (loaded with Tunix), optionally with a LoRA adapter merged "
+      "on the host as `merge` does. Jitted: the left-padded prompts of a "
+      "batch fill Tunix's KV cache, then one token per step until <turn|>, "
+      "EOS or --max-new-tokens. Greedy unless --temperature > 0. Runs on "
+      "CPU and TPU; with several devices, on an ('fsdp', 'tp') mesh.")
+  generate.add_argument("checkpoint",
+                        help="Hugging Face Gemma 4 checkpoint directory "
+                        "(safetensors, config.json, tokenizer.json)")
+  generate.add_argument("--prompt", action="append", default=[],
+                        metavar="TEXT", help="a prompt (repeatable)")
+  generate.add_argument("--data", help="JSONL of {\"prompt\": ...} lines (a "
+                        "\"completion\" field is printed as the reference)")
+  generate.add_argument("--chat", action="store_true",
+                        help="wrap each prompt in Gemma 4's turn format: "
+                        "<bos><|turn>user\\n...<turn|>\\n<|turn>model\\n")
+  generate.add_argument("--adapter",
+                        help="LoRA adapter (Tunix checkpoint or PEFT "
+                        "directory), merged into the base first")
+  generate.add_argument("--alpha", type=float,
+                        help="LoRA alpha, for a Tunix checkpoint that does "
+                        "not record it")
+  generate.add_argument("--max-new-tokens", type=int, default=64,
+                        help="at most this many tokens per prompt (default "
+                        "64)")
+  generate.add_argument("--temperature", type=float, default=0.0,
+                        help="0 (default): greedy; > 0 samples from "
+                        "softmax(softcapped logits / temperature)")
+  generate.add_argument("--top-k", type=int,
+                        help="sample among the K most likely tokens")
+  generate.add_argument("--top-p", type=float,
+                        help="sample among the most likely tokens up to "
+                        "probability P")
+  generate.add_argument("--seed", type=int, default=0,
+                        help="sampling seed (default 0)")
+  generate.add_argument("--batch-size", type=int, default=8,
+                        help="prompts per batch (default 8)")
+  generate.add_argument("--dtype", choices=["float32", "bfloat16"],
+                        default="float32",
+                        help="parameter and compute dtype (default float32)")
+  generate.add_argument("--json", action="store_true",
+                        help="one JSON object per prompt")
+  generate.set_defaults(func=_run_command)
+
+
+def _run_command(args) -> int:
+  from gemma4_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  try:
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    run(args.checkpoint, prompts=args.prompt, data=args.data,
+        adapter=args.adapter, alpha=args.alpha, chat=args.chat,
+        max_new_tokens=args.max_new_tokens, sampling=sampling,
+        seed=args.seed, batch_size=args.batch_size, dtype=args.dtype,
+        as_json=args.json, mesh=mesh_lib.default_mesh())
+  except (ValueError, FileNotFoundError) as e:
+    print(f"gemma4-jax generate: error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
 def _nullcontext(value):
   import contextlib  # pylint: disable=g-import-not-at-top
   return contextlib.nullcontext(value)

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from tunix.generate import sampler as sampler_lib
 
 import gemma4_jax.patches as patches
 from gemma4_jax import generate as generate_lib
+from gemma4_jax import testing
 from gemma4_jax import tiny_models
 
 pytestmark = pytest.mark.slow
@@ -39,83 +39,16 @@ def prompts():
           for n in PROMPT_LENGTHS]
 
 
-def _full_forward_fn(model):
-  """Logits at every position of right-padded rows, no cache: with a causal
-  mask, what follows a position cannot change its logits."""
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def logits(state, tokens):
-    length = tokens.shape[1]
-    out, _ = nnx.merge(graphdef, state)(
-        tokens, jnp.arange(length)[None], None,
-        jnp.tril(jnp.ones((1, length, length), bool)))
-    return out
-  return lambda tokens: np.asarray(logits(state, jnp.asarray(tokens)))
-
-
-def _reference_greedy(model, prompts, steps):
-  """The obvious loop: recompute the whole forward pass on each prompt and
-  its tokens so far, append the argmax. Returns per prompt the tokens, each
-  step's gap between the two largest logits, and the final sequence; and
-  the float32 error bound of `reference`."""
-  forward = _full_forward_fn(model)
-  length = max(map(len, prompts)) + steps
-  sequences = [list(p) for p in prompts]
-  margins = [[] for _ in prompts]
-  for _ in range(steps):
-    rows = np.zeros((len(prompts), length), np.int32)
-    for r, seq in enumerate(sequences):
-      rows[r, :len(seq)] = seq
-    logits = forward(rows)
-    for r, seq in enumerate(sequences):
-      last = logits[r, len(seq) - 1]
-      top2 = np.sort(last)[-2:]
-      margins[r].append(float(top2[1] - top2[0]))
-      seq.append(int(np.argmax(last)))
-  return [(seq[len(p):], m) for p, seq, m in zip(prompts, sequences,
-                                                 margins)], sequences
-
-
 @pytest.fixture(scope="module")
 def reference(model, prompts):
-  """Per prompt: reference tokens and margins; and the bound on a logit's
-  float32 error, measured here: 8x the largest |float32 - float64|
-  difference of the reference's logits over the final sequences (the
-  factor `testing.assert_model_close` allows the patched model)."""
-  runs, sequences = _reference_greedy(model, prompts, NEW_TOKENS)
-  length = max(map(len, sequences))
-  rows = np.zeros((len(runs), length), np.int32)
-  for r, seq in enumerate(sequences):
-    rows[r, :len(seq)] = seq
-  logits32 = _full_forward_fn(model)(rows)
-  with jax.enable_x64(True):
-    logits64 = _full_forward_fn(tiny_models.float64_copy(model))(rows)
-  valid = (np.arange(length)[None] <
-           np.array([len(s) for s in sequences])[:, None])
-  error = np.abs(logits32 - logits64)[valid].max()
-  return runs, 8 * float(error)
+  return testing.greedy_reference(model, prompts, NEW_TOKENS)
 
 
 def _assert_greedy_matches(completions, reference, name):
-  """Tokens equal the reference's; after a step whose two best reference
-  logits are within twice the float32 error bound, either token is right
-  and the sequences may part, so the comparison stops there. Most steps
-  must be compared."""
-  runs, bound = reference
-  compared = 0
-  for index, (completion, (tokens, margins)) in enumerate(
-      zip(completions, runs)):
-    assert len(completion.tokens) == NEW_TOKENS and not completion.stopped
-    for step, (ours, theirs) in enumerate(zip(completion.tokens, tokens)):
-      if margins[step] <= 2 * bound:
-        break
-      assert ours == theirs, (
-          f"{name}: prompt {index}, step {step}: {completion.tokens} vs "
-          f"reference {tokens} (margin {margins[step]:.2e} > 2 x float32 "
-          f"error bound {bound:.2e})")
-      compared += 1
-  assert compared >= 0.8 * NEW_TOKENS * len(runs), (name, compared)
+  assert all(len(c.tokens) == NEW_TOKENS and not c.stopped
+             for c in completions)
+  testing.assert_greedy_matches([c.tokens for c in completions], reference,
+                                name=name)
 
 
 @pytest.fixture(scope="module")
