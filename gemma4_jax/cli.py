@@ -14,14 +14,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    metavar="COMMAND")
 
   demo = commands.add_parser(
-      "demo", help="train a small Gemma 4 with LoRA, stock vs patched",
+      "demo", help="the fine-tuning journey on a small Gemma 4: stock vs "
+      "patched LoRA training, merge, perplexity, generation",
       description="Builds a small Gemma 4 (real 262144-token vocab, random "
-      "weights), puts qwix LoRA on it, trains a few Tunix PeftTrainer steps "
-      "stock and patched, and prints losses, step times and compiled memory.")
+      "weights) as a Hugging Face checkpoint, LoRA-trains it with Tunix's "
+      "PeftTrainer on turn-format pairs stock and patched (losses, step "
+      "times, compiled memory), saves the adapter as a Tunix checkpoint, "
+      "merges it into the checkpoint, checks the merged logits against the "
+      "LoRA model's, compares held-out perplexity and greedy completions "
+      "base vs merged, and ends with a summary table.")
   demo.add_argument("--steps", type=int, default=8,
                     help="training steps per run (default 8)")
-  demo.add_argument("--seq-len", type=int, default=64,
-                    help="tokens per row (default 64)")
+  demo.add_argument("--seq-len", type=int, default=32,
+                    help="tokens per row (default 32)")
   demo.add_argument("--batch-size", type=int, default=4,
                     help="rows per batch (default 4)")
   demo.set_defaults(func=_run_demo)
