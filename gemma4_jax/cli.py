@@ -15,14 +15,19 @@ def build_parser() -> argparse.ArgumentParser:
                                    metavar="COMMAND")
 
   demo = commands.add_parser(
-      "demo", help="train a small Gemma 4 with LoRA, stock vs patched",
+      "demo", help="the fine-tuning journey on a small Gemma 4: stock vs "
+      "patched LoRA training, merge, perplexity, generation",
       description="Builds a small Gemma 4 (real 262144-token vocab, random "
-      "weights), puts qwix LoRA on it, trains a few Tunix PeftTrainer steps "
-      "stock and patched, and prints losses, step times and compiled memory.")
+      "weights) as a Hugging Face checkpoint, LoRA-trains it with Tunix's "
+      "PeftTrainer on turn-format pairs stock and patched (losses, step "
+      "times, compiled memory), saves the adapter as a Tunix checkpoint, "
+      "merges it into the checkpoint, checks the merged logits against the "
+      "LoRA model's, compares held-out perplexity and greedy completions "
+      "base vs merged, and ends with a summary table.")
   demo.add_argument("--steps", type=int, default=8,
                     help="training steps per run (default 8)")
-  demo.add_argument("--seq-len", type=int, default=64,
-                    help="tokens per row (default 64)")
+  demo.add_argument("--seq-len", type=int, default=32,
+                    help="tokens per row (default 32)")
   demo.add_argument("--batch-size", type=int, default=4,
                     help="rows per batch (default 4)")
   demo.set_defaults(func=_run_demo)
@@ -71,9 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
                           default="float32",
                           help="parameter and compute dtype (default "
                           "float32)")
+  perplexity.add_argument("--chat", action="store_true",
+                          help="score prompt/completion lines in Gemma 4's "
+                          "turn format, as the fine-tune trained on them "
+                          "(see `generate --chat`); the completion's closing "
+                          "<turn|> is scored too")
+  perplexity.add_argument("--batch-size", type=int, default=8,
+                          help="examples per batch (default 8); with several "
+                          "devices, split over an ('fsdp', 'tp') mesh")
   perplexity.add_argument("--no-progress", action="store_true",
                           help="no progress bar")
   perplexity.set_defaults(func=_run_perplexity)
+
+  from gemma4_jax import generate as generate_command  # pylint: disable=g-import-not-at-top
+  generate_command.register(commands)
 
   fit = commands.add_parser(
       "fit", help="does a Gemma 4 LoRA fine-tune fit on a TPU? (per-chip HBM, "
@@ -139,12 +155,15 @@ def _run_demo(args) -> int:
 
 
 def _run_perplexity(args) -> int:
+  from gemma4_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from gemma4_jax import perplexity  # pylint: disable=g-import-not-at-top
   try:
     perplexity.run(args.checkpoint, args.data, adapter=args.adapter,
                    alpha=args.alpha, top_k_count=args.top_k,
                    inspect=args.inspect, dtype=args.dtype,
-                   progress=False if args.no_progress else None)
+                   progress=False if args.no_progress else None,
+                   chat=args.chat, batch_size=args.batch_size,
+                   mesh=mesh_lib.default_mesh())
   except (ValueError, FileNotFoundError) as e:
     print(f"gemma4-jax perplexity: error: {e}", file=sys.stderr)
     return 2

@@ -34,6 +34,7 @@ CONFIG_FILE = "config.json"
 # Examples are padded up to a power of two (at least this) so that few
 # lengths are compiled.
 MIN_PADDED_LENGTH = 16
+DEFAULT_BATCH_SIZE = 8
 
 
 class DatasetError(ValueError):
@@ -125,15 +126,30 @@ def load_tokenizer(checkpoint_dir: str | os.PathLike):
                      f"{e}") from None
 
 
-def tokenize(records: Iterable[dict], tokenizer) -> list[Example]:
+def tokenize(records: Iterable[dict], tokenizer, *,
+             chat: bool = False) -> list[Example]:
   """Examples from `read_dataset` records.
 
   `text` is encoded with the tokenizer's special tokens (e.g. BOS); a
   completion is encoded without them and appended to its prompt's tokens.
+  With `chat`, prompt/completion records are in Gemma 4's turn format
+  (`gemma4_jax.chat.encode_example`, as the fine-tuning script trains);
+  `text` records are then refused.
+
+  Raises:
+    DatasetError: a `text` record with `chat`.
   """
+  from gemma4_jax import chat as chat_lib  # pylint: disable=g-import-not-at-top
   examples = []
-  for record in records:
-    if "text" in record:
+  for number, record in enumerate(records):
+    if chat:
+      if "text" in record:
+        raise DatasetError(f"example {number}: --chat scores prompt/"
+                           "completion records; this one is 'text'")
+      tokens, scored = chat_lib.encode_example(
+          tokenizer, record["prompt"], record["completion"], chat=True)
+      tokens, scored = tokens.tolist(), scored.tolist()
+    elif "text" in record:
       tokens = tokenizer.encode(record["text"]).ids
       scored = [True] * len(tokens)
     else:
@@ -239,12 +255,14 @@ def read_text_config(checkpoint_dir: str | os.PathLike) -> dict:
   return text
 
 
-def load_model(checkpoint_dir: str | os.PathLike, *, dtype="float32"):
-  """A Tunix Gemma 4 from a Hugging Face checkpoint (Tunix's loader)."""
+def load_model(checkpoint_dir: str | os.PathLike, *, dtype="float32",
+               mesh=None):
+  """A Tunix Gemma 4 from a Hugging Face checkpoint (Tunix's loader; with
+  `mesh`, the weights are sharded by Tunix's `('fsdp', 'tp')` shardings)."""
   from tunix.models.gemma4 import params_safetensors  # pylint: disable=g-import-not-at-top
   config = tunix_config(checkpoint_dir, dtype=dtype)
   return params_safetensors.create_model_from_safe_tensors(
-      os.fspath(checkpoint_dir), config)
+      os.fspath(checkpoint_dir), config, mesh)
 
 
 @contextlib.contextmanager
@@ -263,14 +281,19 @@ def _padded_length(length: int) -> int:
   return max(MIN_PADDED_LENGTH, 1 << max(0, length - 1).bit_length())
 
 
-def _batch(example: Example):
-  """One example as a right-padded batch of one, and Tunix's inputs."""
+def _batch(examples: Sequence[Example], rows: int | None = None):
+  """Examples as a right-padded batch of `rows` (default: one per example;
+  extra rows are empty and score nothing), and Tunix's inputs."""
   from tunix.sft import utils as sft_utils  # pylint: disable=g-import-not-at-top
-  length = _padded_length(len(example.tokens))
-  pad = length - len(example.tokens)
-  tokens = np.pad(example.tokens, (0, pad))[None]
-  mask = np.pad(np.ones(len(example.tokens), bool), (0, pad))[None]
-  scored = np.pad(example.scored, (0, pad))[None]
+  rows = len(examples) if rows is None else rows
+  length = _padded_length(max(len(e.tokens) for e in examples))
+  tokens = np.zeros((rows, length), np.int32)
+  mask = np.zeros((rows, length), bool)
+  scored = np.zeros((rows, length), bool)
+  for r, example in enumerate(examples):
+    n = len(example.tokens)
+    tokens[r, :n], mask[r, :n], scored[r, :n] = (example.tokens, True,
+                                                 example.scored)
   return (tokens, scored, sft_utils.build_positions_from_mask(mask),
           sft_utils.make_causal_attn_mask(mask))
 
@@ -288,8 +311,12 @@ def _hidden_fn():
 
 def perplexity(model, examples: Sequence[Example], *, progress=None,
                implementation: str | None = None,
-               description: str = "perplexity") -> Result:
+               description: str = "perplexity",
+               batch_size: int = DEFAULT_BATCH_SIZE, mesh=None) -> Result:
   """Token-level NLL over `examples` (see the module docstring).
+
+  Examples of one padded length share batches of `batch_size` rows (rows
+  are independent: padding is masked and scores nothing).
 
   Args:
     model: a Tunix Gemma 4 (with or without qwix LoRA).
@@ -297,6 +324,10 @@ def perplexity(model, examples: Sequence[Example], *, progress=None,
     progress: show a tqdm bar (None: only on a terminal).
     implementation: for `ops.softcapped_cross_entropy`.
     description: the progress bar's label.
+    batch_size: rows per batch (rounded up to a multiple of the mesh's
+      `fsdp` size).
+    mesh: a `('fsdp', 'tp')` mesh (`gemma4_jax.mesh`): rows are split over
+      `fsdp`; the model keeps the shardings it was loaded with.
 
   Returns:
     A `Result`.
@@ -317,15 +348,36 @@ def perplexity(model, examples: Sequence[Example], *, progress=None,
 
   embedding = jnp.asarray(model.embedder.input_embedding.value,
                           model.config.dtype)
+  if batch_size < 1:
+    raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+  batch_size = min(batch_size, max(1, len(examples)))
+  if mesh is not None:
+    fsdp = mesh.shape.get("fsdp", 1)
+    batch_size = -(-batch_size // fsdp) * fsdp
+  by_length = {}
+  for example in examples:
+    by_length.setdefault(_padded_length(len(example.tokens)),
+                         []).append(example)
+  batches = [group[i:i + batch_size] for _, group in sorted(by_length.items())
+             for i in range(0, len(group), batch_size)]
   total, count = 0.0, 0
-  bar = tqdm.tqdm(examples, desc=description, unit="example",
+  bar = tqdm.tqdm(total=len(examples), desc=description, unit="example",
                   disable=(not progress) if progress is not None else None)
-  for example in bar:
-    tokens, scored, positions, attention_mask = _batch(example)
-    hidden = hidden_fn(model, tokens, positions, attention_mask)
-    loss_sum, weight_sum = nll(hidden, embedding, tokens, scored)
-    total += float(loss_sum)
-    count += int(round(float(weight_sum)))
+  scope = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+  with scope, bar:
+    for group in batches:
+      # Every batch has batch_size rows (one compile per padded length).
+      inputs = _batch(group, rows=batch_size)
+      if mesh is not None:
+        rows = jax.sharding.NamedSharding(mesh,
+                                          jax.sharding.PartitionSpec("fsdp"))
+        inputs = tuple(jax.device_put(x, rows) for x in inputs)
+      tokens, scored, positions, attention_mask = inputs
+      hidden = hidden_fn(model, tokens, positions, attention_mask)
+      loss_sum, weight_sum = nll(hidden, embedding, tokens, scored)
+      total += float(loss_sum)
+      count += int(round(float(weight_sum)))
+      bar.update(len(group))
   return Result(total, count, len(examples))
 
 
@@ -354,7 +406,7 @@ def top_k(model, example: Example, k: int) -> TopK:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from gemma4_jax.kernels.loss import top_k as top_k_lib  # pylint: disable=g-import-not-at-top
 
-  tokens, _, positions, attention_mask = _batch(example)
+  tokens, _, positions, attention_mask = _batch([example])
   length = len(example.tokens)
   hidden = _hidden_fn()(model, tokens, positions, attention_mask)[
       0, :length - 1]
@@ -382,7 +434,9 @@ def top_k(model, example: Example, k: int) -> TopK:
 def run(checkpoint: str, data: str, *, adapter: str | None = None,
         alpha: float | None = None, top_k_count: int | None = None,
         inspect: Sequence[int] | None = None, dtype: str = "float32",
-        progress=None, implementation: str | None = None, out=None) -> dict:
+        progress=None, implementation: str | None = None, out=None,
+        chat: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
+        mesh=None) -> dict:
   """The `gemma4-jax perplexity` command: prints a report, returns it.
 
   Every argument, file and token id is checked before a model is loaded.
@@ -402,7 +456,8 @@ def run(checkpoint: str, data: str, *, adapter: str | None = None,
   out = out or sys.stdout
   tokenizer, examples, inspect, adapter = _preflight(
       checkpoint, data, adapter=adapter, alpha=alpha,
-      top_k_count=top_k_count, inspect=inspect, dtype=dtype)
+      top_k_count=top_k_count, inspect=inspect, dtype=dtype, chat=chat,
+      batch_size=batch_size)
   models = [("base", lambda: contextlib.nullcontext(checkpoint))]
   if adapter is not None:
     models.append(("adapted", lambda: merged_checkpoint(checkpoint, adapter,
@@ -410,10 +465,11 @@ def run(checkpoint: str, data: str, *, adapter: str | None = None,
   report = {"top_k": {}}
   for name, directory in models:
     with directory() as model_dir:
-      model = load_model(model_dir, dtype=dtype)
+      model = load_model(model_dir, dtype=dtype, mesh=mesh)
       report[name] = perplexity(model, examples, progress=progress,
                                 implementation=implementation,
-                                description=name)
+                                description=name, batch_size=batch_size,
+                                mesh=mesh)
       if top_k_count is not None:
         for index in inspect:
           report["top_k"][(name, index)] = top_k(model, examples[index],
@@ -424,7 +480,7 @@ def run(checkpoint: str, data: str, *, adapter: str | None = None,
 
 
 def _preflight(checkpoint, data, *, adapter, alpha, top_k_count, inspect,
-               dtype):
+               dtype, chat, batch_size):
   """`run`'s checks, cheapest first, all before a model is loaded: flags,
   files, the dataset, token ids against the vocabulary, the adapter.
 
@@ -449,6 +505,7 @@ def _preflight(checkpoint, data, *, adapter, alpha, top_k_count, inspect,
     validation.check_int("--inspect", index)
   if dtype not in ("float32", "bfloat16"):
     raise ValueError(f"--dtype: expected float32 or bfloat16, got {dtype!r}")
+  validation.check_int("--batch-size", batch_size, minimum=1)
   adapter_lib.check_rank_alpha(None, alpha)
   validation.check_input_dir("checkpoint", checkpoint)
   if adapter is not None:
@@ -458,7 +515,7 @@ def _preflight(checkpoint, data, *, adapter, alpha, top_k_count, inspect,
     raise DatasetError(f"{data}: no examples")
   text = read_text_config(checkpoint)
   tokenizer = load_tokenizer(checkpoint)
-  examples = tokenize(records, tokenizer)
+  examples = tokenize(records, tokenizer, chat=chat)
   if not any(example.scored.any() for example in examples):
     raise DatasetError(
         f"{data}: no scored tokens (a 'text' line scores every token after "

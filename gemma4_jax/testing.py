@@ -308,3 +308,59 @@ def temp_bytes(compiled) -> int:
   """HBM temporaries per chip of a compiled TPU program (XLA's buffer
   assignment, arguments and outputs excluded)."""
   return compiled.memory_analysis().temp_size_in_bytes
+
+
+def greedy_reference(model, prompts, steps: int):
+  """`reference.generate.greedy` on a tiny model, with the float32 error
+  bound of its logits measured on this machine: 8x (`MODEL_ERROR_MULTIPLE`)
+  the largest |float32 - float64| logit over the final sequences.
+
+  Returns:
+    `(tokens, margins, bound)` for `assert_greedy_matches`.
+  """
+  from gemma4_jax import tiny_models  # pylint: disable=g-import-not-at-top
+  from gemma4_jax.reference import generate as reference  # pylint: disable=g-import-not-at-top
+  tokens, margins, sequences = reference.greedy(model, prompts, steps)
+  length = max(map(len, sequences))
+  rows = np.zeros((len(sequences), length), np.int32)
+  for r, seq in enumerate(sequences):
+    rows[r, :len(seq)] = seq
+  logits32 = reference.full_logits_fn(model)(rows)
+  with jax.enable_x64(True):
+    logits64 = reference.full_logits_fn(tiny_models.float64_copy(model))(rows)
+  valid = (np.arange(length)[None] <
+           np.array([len(s) for s in sequences])[:, None])
+  error = float(np.abs(logits32 - logits64)[valid].max())
+  return tokens, margins, MODEL_ERROR_MULTIPLE * error
+
+
+def assert_greedy_matches(actual, reference, *, name: str = "greedy",
+                          min_fraction: float = 0.8):
+  """Asserts greedy tokens equal `greedy_reference`'s.
+
+  A step whose two best reference logits are within twice the float32
+  error bound is a tie as far as float32 can tell: either token is right
+  and the sequences may part there, so that prompt's comparison stops. At
+  least `min_fraction` of all steps must be compared.
+
+  Args:
+    actual: per prompt, the generated token ids (at least as many as the
+      reference's steps; a shorter one must have stopped, and is compared
+      as far as it goes).
+    reference: from `greedy_reference`.
+  """
+  tokens, margins, bound = reference
+  compared = 0
+  for index, (ours, theirs, gaps) in enumerate(zip(actual, tokens, margins)):
+    ours = [int(t) for t in ours]
+    for step, theirs_step in enumerate(theirs):
+      if gaps[step] <= 2 * bound or step >= len(ours):
+        break
+      assert ours[step] == theirs_step, (
+          f"{name}: prompt {index}, step {step}: {ours} vs reference "
+          f"{theirs} (logit gap {gaps[step]:.2e} > 2 x float32 error bound "
+          f"{bound:.2e})")
+      compared += 1
+  total = sum(map(len, tokens))
+  assert compared >= min_fraction * total, (
+      f"{name}: only {compared} of {total} steps compared (near-ties)")

@@ -230,8 +230,10 @@ def make_trainer(model, *, max_steps: int, learning_rate: float = 1e-2,
                  checkpoint_dir: str | None = None,
                  save_interval_steps: int | None = None,
                  max_inflight_computations: int = 2,
+                 model_inputs_fn: Callable = model_inputs,
                  ) -> peft_trainer.PeftTrainer:
-  """A real `PeftTrainer` (LoRA params only when the model has LoRA)."""
+  """A real `PeftTrainer` (LoRA params only when the model has LoRA);
+  `model_inputs_fn` is its `gen_model_input_fn`."""
   options = None
   if checkpoint_dir is not None:
     import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
@@ -244,7 +246,7 @@ def make_trainer(model, *, max_steps: int, learning_rate: float = 1e-2,
       checkpointing_options=options, pbar_description=None,
       max_inflight_computations=max_inflight_computations)
   trainer = peft_trainer.PeftTrainer(model, optax.adam(learning_rate), config)
-  return trainer.with_gen_model_input_fn(model_inputs)
+  return trainer.with_gen_model_input_fn(model_inputs_fn)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,7 +290,8 @@ class _StepClock(hooks.TrainingHooks):
 def train(model, batches: Iterable[peft_trainer.TrainingInput], *,
           learning_rate: float = 1e-2,
           checkpoint_dir: str | None = None,
-          on_step: Callable[[int], None] | None = None) -> TrainingRun:
+          on_step: Callable[[int], None] | None = None,
+          model_inputs_fn: Callable = model_inputs) -> TrainingRun:
   """Runs one `PeftTrainer` step per batch; returns losses and step times.
 
   `on_step(i)` is called as step i (1-based) starts, for progress display.
@@ -297,7 +300,8 @@ def train(model, batches: Iterable[peft_trainer.TrainingInput], *,
   trainer = make_trainer(model, max_steps=len(batches),
                          learning_rate=learning_rate,
                          checkpoint_dir=checkpoint_dir,
-                         max_inflight_computations=1)
+                         max_inflight_computations=1,
+                         model_inputs_fn=model_inputs_fn)
   clock = _StepClock(on_step)
   trainer.with_training_hooks(clock)
   trainer.train(batches)
