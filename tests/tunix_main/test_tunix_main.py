@@ -74,8 +74,8 @@ def test_tunix_main_is_what_the_subprocess_imports():
 PATCH_TEST_RUNS = {
     "attention": ("test_patch_attention.py", "test_patch_attention_decode.py",
                   "test_patch_attention_pallas.py"),
-    "lora, loss, ple": ("test_patch_lora.py", "test_patch_loss.py",
-                        "test_patch_ple.py"),
+    "lora, loss, ple, remat": ("test_patch_lora.py", "test_patch_loss.py",
+                               "test_patch_ple.py", "test_patch_remat.py"),
 }
 
 
