@@ -19,11 +19,14 @@ XLA's buffer assignment, stock Tunix against `gemma4_jax.patches`:
   is a CPU; while `fit` traces, `tunix.models.gemma4.model.shard` is the same
   function without that test, so activations are constrained as on a TPU.
 
-A step that exceeds HBM fails XLA:TPU's compile with RESOURCE_EXHAUSTED; it is
-reported as not fitting, with the size XLA asked for. A program that compiles
-fits by XLA's own check (its limit is below the chip's HBM: 15.75 GiB of a
-v5e's 16). `memory_analysis()` temporaries run up to 1.6 GiB above what XLA
-checks, so a total slightly above the limit can still compile.
+A step whose temporaries exceed HBM fails XLA:TPU's compile with
+RESOURCE_EXHAUSTED ("HLO temporaries (x) exceeds available HBM (15.75G)");
+it is reported as not fitting, needing at least x plus its arguments. XLA's
+check counts temporaries only, so a step can compile whose arguments,
+temporaries and code together exceed the chip: `fits` is that sum (from
+`memory_analysis()`) against the usable HBM (15.75 GiB of a v5e's 16), the
+conservative reading; the report says when XLA compiled a step that does
+not fit by it.
 
 JAX's persistent compilation cache writes executables compiled for abstract
 chips but cannot read them back ("PjRtCompiler must be constructed with a
@@ -78,6 +81,8 @@ DEFAULT_SECONDS_PER_LAYER = 14.0
 RATE_FILE = "seconds_per_layer.json"
 MIN_LAYERS_FOR_RATE = 10
 HEARTBEAT_SECONDS = 30.0
+# HBM a step cannot use (see `usable_bytes`).
+HBM_RESERVED_BYTES = GIB // 4
 # Buffers kept per result (and cache entry) for `--buffers`.
 LARGEST_BUFFERS = 20
 _OOM_PATTERNS = (
@@ -355,12 +360,13 @@ class Session:
       from gemma4_jax import testing  # pylint: disable=g-import-not-at-top
       peak = hlo_buffers.peak(compiled.as_text())
       return ModeResult(
+          fits=self.hbm_bytes is None or total <= usable_bytes(self.hbm_bytes),
           peak_estimate_bytes=peak.bytes,
           largest_buffers=[
               {"bytes": b.bytes, "shape": b.shape.split("{")[0],
                "op": b.op_name or b.opcode}
               for b in peak.buffers[:LARGEST_BUFFERS]],
-          fits=True, argument_bytes=stats.argument_size_in_bytes,
+          argument_bytes=stats.argument_size_in_bytes,
           temp_bytes=stats.temp_size_in_bytes,
           output_bytes=stats.output_size_in_bytes,
           alias_bytes=stats.alias_size_in_bytes,
@@ -369,11 +375,17 @@ class Session:
           pallas_kernels=testing.mosaic_kernels(compiled), **common)
     unknown = dict(temp_bytes=None, output_bytes=None, alias_bytes=None,
                    generated_code_bytes=None, pallas_kernels=None)
-    required, limit = _parse_oom(error)
+    required, limit, temporaries_only = _parse_oom(error)
     if required is None and "RESOURCE_EXHAUSTED" not in error:
       return ModeResult(fits=None, argument_bytes=None, total_bytes=None,
                         hbm_limit_bytes=None, error=error, **unknown, **common)
-    return ModeResult(fits=False, argument_bytes=sum(sizes.values()),
+    arguments = sum(sizes.values())
+    if temporaries_only and required is not None:
+      # XLA named its temporaries; the arguments come on top (code too,
+      # unknown here, so the total is a lower bound).
+      unknown["temp_bytes"] = required
+      required += arguments
+    return ModeResult(fits=False, argument_bytes=arguments,
                       total_bytes=required, hbm_limit_bytes=limit,
                       **unknown, **common)
 
@@ -405,9 +417,15 @@ class Session:
     try:
       entry = json.loads((self._cache / f"{key}.json").read_text())
       entry.pop("mode", None)
-      return {field.name: entry[field.name]
-              for field in dataclasses.fields(ModeResult)
-              if field.name in entry}
+      entry = {field.name: entry[field.name]
+               for field in dataclasses.fields(ModeResult)
+               if field.name in entry}
+      if entry.get("pallas_kernels") is not None and entry["hbm_bytes"]:
+        # Compiled: whether it fits is arguments + temporaries + code
+        # against the usable HBM (entries from before this rule said True).
+        entry["fits"] = entry["total_bytes"] <= usable_bytes(
+            entry["hbm_bytes"])
+      return entry
     except (OSError, ValueError):
       return None
 
@@ -446,15 +464,16 @@ def _describe(error: Exception) -> str:
   return f"{type(error).__name__}: {error}"
 
 
-def _parse_oom(error: str) -> tuple[int | None, int | None]:
-  """(bytes XLA asked for, bytes it had) from a RESOURCE_EXHAUSTED error."""
-  for pattern in _OOM_PATTERNS:
+def _parse_oom(error: str) -> tuple[int | None, int | None, bool]:
+  """(bytes XLA asked for, bytes it had, whether it counted only its
+  temporaries) from a RESOURCE_EXHAUSTED error."""
+  for index, pattern in enumerate(_OOM_PATTERNS):
     match = pattern.search(error)
     if match:
       need, need_unit, have, have_unit = match.groups()
       return (int(float(need) * _UNITS[need_unit]),
-              int(float(have) * _UNITS[have_unit]))
-  return None, None
+              int(float(have) * _UNITS[have_unit]), index == 0)
+  return None, None, False
 
 
 def _cache_key(lowered, topology: str) -> str:
@@ -515,6 +534,12 @@ def _gib(n: int | None) -> str:
   return "-" if n is None else f"{n / GIB:.2f}"
 
 
+def usable_bytes(hbm_bytes: int) -> int:
+  """What a step may use of a chip's HBM: XLA:TPU's out-of-memory errors
+  give a v5e 15.75 of its 16 GiB."""
+  return hbm_bytes - HBM_RESERVED_BYTES
+
+
 def _verdict(result: ModeResult) -> str:
   if result.error is not None:
     return f"failed to compile: {result.error.splitlines()[0][:300]}"
@@ -523,8 +548,12 @@ def _verdict(result: ModeResult) -> str:
             + (f" of {_gib(result.hbm_bytes)}" if result.hbm_bytes else ""))
   if result.total_bytes is None:
     return "out of memory (XLA named no size)"
-  return (f"out of memory: XLA needs {_gib(result.total_bytes)} GiB of "
-          f"{_gib(result.hbm_limit_bytes)} usable")
+  if result.pallas_kernels is not None:   # it compiled
+    return (f"does not fit: needs {_gib(result.total_bytes)} GiB of "
+            f"{_gib(usable_bytes(result.hbm_bytes))} usable (XLA compiles "
+            "it: its check counts temporaries only)")
+  return (f"out of memory: needs at least {_gib(result.total_bytes)} GiB "
+          f"of {_gib(result.hbm_limit_bytes)} usable")
 
 
 def format_buffers(report: Report, count: int) -> str:
@@ -552,7 +581,7 @@ def format_report(report: Report) -> str:
       ("LoRA + AdamW state", lambda r: _gib(r.trainable_bytes)),
       ("inputs", lambda r: _gib(r.input_bytes)),
       ("arguments (XLA)", lambda r: _gib(r.argument_bytes)
-       if r.fits else "-"),
+       if r.pallas_kernels is not None else "-"),
       ("temporaries", lambda r: _gib(r.temp_bytes)),
       ("outputs, not aliased", lambda r: _gib(
           None if r.output_bytes is None
@@ -586,9 +615,10 @@ def format_report(report: Report) -> str:
   for mode in modes:
     if results[mode].error is not None:
       lines.append(f"\n{mode} failed to compile:\n{results[mode].error}")
-  if any(r.fits for r in results.values()):
-    lines.append("\nfits: XLA:TPU compiled the step within its HBM limit "
-                 "(below the chip's HBM: 15.75 GiB of a v5e's 16).")
+  if any(r.fits is not None for r in results.values()):
+    lines.append("\nfits: XLA:TPU compiled the step and its arguments, "
+                 "temporaries, unaliased outputs and code fit the chip's "
+                 "usable HBM (15.75 GiB of a v5e's 16).")
   return "\n".join(lines)
 
 
