@@ -13,8 +13,10 @@ program), so a rerun only compiles what is new. Each 35-layer compile takes
 3-10 minutes on 2 CPU cores.
 
   python benchmarks/fit_sweep.py --batch 1 --seq-lens 8192 16384 32768 \\
-      --remat none full offload --out benchmarks/results/fit_e2b_b1.json \\
-      --plot benchmarks/results/fit_e2b_b1.png
+      --remat full offload --out benchmarks/results/fit_e2b_v5e_b1.json
+  python benchmarks/fit_sweep.py --table-only \\
+      --out benchmarks/results/fit_e2b_v5e_b1.json \\
+      --plot benchmarks/results/fit_e2b_v5e_b1.png
 """
 
 from __future__ import annotations
@@ -57,7 +59,27 @@ def _cell(result: dict) -> str:
   if result["fits"] is None:
     return "error"
   gib = result["total_bytes"] / GIB
-  return f"{gib:.2f} GiB" + ("" if result["fits"] else " (does not fit)")
+  if result["fits"]:
+    return f"{gib:.2f}"
+  compiled = result["pallas_kernels"] is not None
+  return f"{'' if compiled else '≥ '}{gib:.2f} (does not fit)"
+
+
+def table(rows: list[dict]) -> str:
+  """A markdown table: one row per batch x tokens, one column per line;
+  cells are per-chip GiB, "(does not fit)" past the usable HBM."""
+  lines = list(dict.fromkeys(r["line"] for r in rows))
+  points = sorted({(r["batch"], r["seq_len"]) for r in rows})
+  cells = {(r["line"], r["batch"], r["seq_len"]): r for r in rows}
+  out = ["| batch x tokens | " + " | ".join(lines) + " |",
+         "|---" * (len(lines) + 1) + "|"]
+  for batch, seq_len in points:
+    row = [f"{batch} x {seq_len}"]
+    for line in lines:
+      result = cells.get((line, batch, seq_len))
+      row.append("—" if result is None else _cell(result))
+    out.append("| " + " | ".join(row) + " |")
+  return "\n".join(out)
 
 
 def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
@@ -100,7 +122,17 @@ def main(argv=None) -> int:
                       choices=fit.REMAT)
   parser.add_argument("--out", type=pathlib.Path, required=True)
   parser.add_argument("--plot", type=pathlib.Path)
+  parser.add_argument("--table-only", action="store_true",
+                      help="compile nothing: print --out's results as a "
+                      "markdown table (and --plot them)")
   args = parser.parse_args(argv)
+  if args.table_only:
+    rows = json.loads(args.out.read_text())
+    print(table(rows))
+    if args.plot:
+      plot(rows, args.plot, f"Gemma 4 {args.model.upper()} LoRA step on "
+           f"{args.topology}")
+    return 0
   rows = sweep(args)
   if args.out.exists():   # keep the points of earlier sweeps
     old = json.loads(args.out.read_text())
