@@ -84,6 +84,7 @@ def table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
   figure, axes = pyplot.subplots(figsize=(8, 5))
@@ -101,6 +102,10 @@ def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
                label=f"HBM per chip ({hbm:.0f} GiB)")
   axes.set_xscale("log", base=2)
   axes.set_yscale("log", base=2)
+  axes.xaxis.set_major_formatter(
+      matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1024:g}k"))
+  axes.yaxis.set_major_formatter(
+      matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
   axes.set_xlabel("tokens per sequence")
   axes.set_ylabel("per-chip HBM needed, GiB (XLA:TPU)")
   axes.set_title(title)
@@ -130,8 +135,9 @@ def main(argv=None) -> int:
     rows = json.loads(args.out.read_text())
     print(table(rows))
     if args.plot:
+      batches = sorted({r["batch"] for r in rows})
       plot(rows, args.plot, f"Gemma 4 {args.model.upper()} LoRA step on "
-           f"{args.topology}")
+           f"{args.topology}, batch {', '.join(map(str, batches))}")
     return 0
   rows = sweep(args)
   if args.out.exists():   # keep the points of earlier sweeps
