@@ -4,7 +4,9 @@ Runs `gemma4_jax.fit` (the whole 35-layer step compiled for abstract TPU
 chips by XLA:TPU on this machine; no TPU needed, libtpu is) for each remat
 setting and sequence length asked, stock and patched, and writes one JSON
 file with every result and, with `--plot`, a PNG of per-chip HBM against
-sequence length with one line per mode (matplotlib, the `plot` extra).
+sequence length with one line per mode (`report.plot_fit`; matplotlib, the
+`plot` extra). `benchmarks/report.py` turns these files into RESULTS.md's
+tables and the README's.
 
 A mode's line ends where its step stops fitting: XLA:TPU refuses to compile
 a program over the chip's HBM and names what it would need, which is
@@ -23,12 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 
-from gemma4_jax import fit
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-GIB = 2**30
+from gemma4_jax import fit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def sweep(args) -> list[dict]:
@@ -42,77 +46,17 @@ def sweep(args) -> list[dict]:
       # compile the same stock step as "decoder", so it runs once.
       modes = ("patched",) if (remat in fit.POLICY_REMAT and
                                "decoder" in args.remat) else fit.MODES
-      report = fit.fit(config, modes=modes)
-      for mode, result in report.to_json().items():
+      found = fit.fit(config, modes=modes)
+      for mode, result in found.to_json().items():
         rows.append({**result, "line": _line(mode, remat)})
         print(f"{_line(mode, remat):28} {args.batch} x {seq_len:6}: "
-              f"{_cell(result)}", file=sys.stderr)
+              f"{report.fit_cell(result)}", file=sys.stderr)
   return rows
 
 
 def _line(mode: str, remat: str) -> str:
   who = "stock Tunix" if mode == "stock" else "patched"
   return f"{who}, remat {fit.mode_remat(mode, remat)}"
-
-
-def _cell(result: dict) -> str:
-  if result["fits"] is None:
-    return "error"
-  gib = result["total_bytes"] / GIB
-  if result["fits"]:
-    return f"{gib:.2f}"
-  compiled = result["pallas_kernels"] is not None
-  return f"{'' if compiled else '≥ '}{gib:.2f} (does not fit)"
-
-
-def table(rows: list[dict]) -> str:
-  """A markdown table: one row per batch x tokens, one column per line;
-  cells are per-chip GiB, "(does not fit)" past the usable HBM."""
-  lines = list(dict.fromkeys(r["line"] for r in rows))
-  points = sorted({(r["batch"], r["seq_len"]) for r in rows})
-  cells = {(r["line"], r["batch"], r["seq_len"]): r for r in rows}
-  out = ["| batch x tokens | " + " | ".join(lines) + " |",
-         "|---" * (len(lines) + 1) + "|"]
-  for batch, seq_len in points:
-    row = [f"{batch} x {seq_len}"]
-    for line in lines:
-      result = cells.get((line, batch, seq_len))
-      row.append("—" if result is None else _cell(result))
-    out.append("| " + " | ".join(row) + " |")
-  return "\n".join(out)
-
-
-def plot(rows: list[dict], path: pathlib.Path, title: str) -> None:
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot  # pylint: disable=g-import-not-at-top
-  figure, axes = pyplot.subplots(figsize=(8, 5))
-  for line in dict.fromkeys(r["line"] for r in rows):
-    points = sorted((r["seq_len"], r["total_bytes"] / GIB, r["fits"])
-                    for r in rows if r["line"] == line and r["total_bytes"])
-    drawn = axes.plot([p[0] for p in points], [p[1] for p in points],
-                      marker="o", label=line)[0]
-    for seq_len, gib, fits in points:
-      if not fits:
-        axes.plot([seq_len], [gib], marker="o", markerfacecolor="white",
-                  color=drawn.get_color())
-  hbm = max((r["hbm_bytes"] for r in rows), default=16 * GIB) / GIB
-  axes.axhline(hbm, color="black", linestyle="--", linewidth=1,
-               label=f"HBM per chip ({hbm:.0f} GiB)")
-  axes.set_xscale("log", base=2)
-  axes.set_yscale("log", base=2)
-  axes.xaxis.set_major_formatter(
-      matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1024:g}k"))
-  axes.yaxis.set_major_formatter(
-      matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
-  axes.set_xlabel("tokens per sequence")
-  axes.set_ylabel("per-chip HBM needed, GiB (XLA:TPU)")
-  axes.set_title(title)
-  axes.legend(fontsize=8)
-  axes.grid(True, which="both", alpha=0.3)
-  figure.tight_layout()
-  figure.savefig(path, dpi=120)
 
 
 def main(argv=None) -> int:
@@ -133,11 +77,10 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.table_only:
     rows = json.loads(args.out.read_text())
-    print(table(rows))
+    print(report.fit_table(rows))
     if args.plot:
-      batches = sorted({r["batch"] for r in rows})
-      plot(rows, args.plot, f"Gemma 4 {args.model.upper()} LoRA step on "
-           f"{args.topology}, batch {', '.join(map(str, batches))}")
+      report.plot_fit(rows, args.plot, f"Gemma 4 {args.model.upper()} LoRA step on "
+           f"{args.topology}")
     return 0
   rows = sweep(args)
   if args.out.exists():   # keep the points of earlier sweeps
@@ -148,7 +91,7 @@ def main(argv=None) -> int:
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(json.dumps(rows, indent=1))
   if args.plot:
-    plot(rows, args.plot, f"Gemma 4 {args.model.upper()} LoRA step on "
+    report.plot_fit(rows, args.plot, f"Gemma 4 {args.model.upper()} LoRA step on "
          f"{args.topology}, batch {args.batch}")
   return 0
 

@@ -159,6 +159,11 @@ class AbstractStep:
             "input_mask": jax.ShapeDtypeStruct((batch, seq_len), jnp.bool_,
                                                sharding=sharding)}
 
+  def arguments(self, seq_len: int) -> tuple:
+    """`(frozen, trainable, inputs)` as sharded `ShapeDtypeStruct`s: what
+    the lowered step takes (benchmarks/run_tpu.py fills them on a TPU)."""
+    return self._frozen, self._trainable, self.inputs(seq_len)
+
   def argument_sizes(self, seq_len: int) -> dict:
     """Per-chip bytes of the step's arguments from shapes and shardings:
     frozen weights, LoRA + optimizer state, inputs."""

@@ -254,11 +254,20 @@ def read_prompts(path: str | os.PathLike) -> list[dict]:
     ValueError: naming the file and line of the first bad record.
   """
   records = []
-  with open(path, encoding="utf-8") as f:
-    for number, line in enumerate(f, 1):
+  if os.path.isdir(path):
+    raise ValueError(f"--data: {os.fspath(path)!r} is a directory, not a "
+                     "JSONL file")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"--data: {os.fspath(path)!r} does not exist")
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, 1):
+      where = f"{os.fspath(path)}:{number}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{where}: not UTF-8 text ({e})") from None
       if not line.strip():
         continue
-      where = f"{os.fspath(path)}:{number}"
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
@@ -299,9 +308,9 @@ def run(checkpoint: str, *, prompts: Sequence[str] = (),
     records += read_prompts(data)
   if not records:
     raise ValueError("no prompts: give --prompt or --data")
-  tokenizer = perplexity.load_tokenizer(checkpoint)
-  ids = [chat_lib.encode_prompt(tokenizer, r["prompt"], chat=chat)
-         for r in records]
+  tokenizer, ids, adapter = _preflight(checkpoint, records, adapter=adapter,
+                                       alpha=alpha, chat=chat,
+                                       top_k=sampling.top_k)
   stop_ids = chat_lib.stop_token_ids(tokenizer, checkpoint)
   directory = (perplexity.merged_checkpoint(checkpoint, adapter, alpha=alpha)
                if adapter is not None else _nullcontext(checkpoint))
@@ -383,8 +392,98 @@ def register(commands) -> None:
   generate.set_defaults(func=_run_command)
 
 
+# jax.random.key keeps 32 bits of its seed (without x64): larger or negative
+# seeds would silently repeat the streams of others.
+SEED_LIMIT = 2**32
+
+
+def check_flags(*, max_new_tokens, temperature, top_k, top_p, seed,
+                batch_size, adapter, alpha) -> None:
+  """The checks of `generate`'s flags that need no file, each naming its
+  flag (`SamplingConfig` and `generate` check the same for Python callers,
+  by argument name).
+
+  Raises:
+    ValueError / TypeError: naming the flag, expected and actual value.
+  """
+  from gemma4_jax import validation  # pylint: disable=g-import-not-at-top
+  from gemma4_jax.export import adapter as adapter_lib  # pylint: disable=g-import-not-at-top
+  validation.check_int("--max-new-tokens", max_new_tokens, minimum=1)
+  validation.check_int("--batch-size", batch_size, minimum=1)
+  validation.check_int("--seed", seed, minimum=0)
+  if seed >= SEED_LIMIT:
+    raise ValueError(f"--seed must be < 2**32 (JAX's PRNG keeps 32 bits: "
+                     f"{seed} would repeat seed {seed % SEED_LIMIT}), got "
+                     f"{seed}")
+  validation.check_number("--temperature", temperature,
+                          what="0 for greedy, > 0 to sample")
+  if temperature < 0:
+    raise ValueError(f"--temperature must be >= 0 (0 for greedy), got "
+                     f"{temperature}")
+  validation.check_int("--top-k", top_k, minimum=1, allow_none=True)
+  validation.check_number("--top-p", top_p, allow_none=True,
+                          what="in (0, 1]")
+  if top_p is not None and not 0 < top_p <= 1:
+    raise ValueError(f"--top-p must be in (0, 1], got {top_p}")
+  # Flags that would be ignored are refused, as in `perplexity`.
+  if temperature == 0 and (top_k is not None or top_p is not None):
+    raise ValueError("--top-k/--top-p: greedy decoding (--temperature 0) "
+                     "would ignore them; pass --temperature > 0 to sample")
+  if adapter is None and alpha is not None:
+    raise ValueError("--alpha is the alpha of --adapter; pass --adapter too")
+  adapter_lib.check_rank_alpha(None, alpha)
+
+
+def _preflight(checkpoint, records, *, adapter, alpha, chat, top_k):
+  """`run`'s checks of the files, before any model is loaded: the
+  checkpoint's config and tokenizer, every prompt's token ids against the
+  vocabulary, the adapter against the base.
+
+  Returns:
+    `(tokenizer, ids, adapter)`: the adapter loaded (an
+    `export.adapter.Adapter`, checked against the base), or None.
+  """
+  from gemma4_jax import chat as chat_lib  # pylint: disable=g-import-not-at-top
+  from gemma4_jax import perplexity  # pylint: disable=g-import-not-at-top
+  from gemma4_jax import validation  # pylint: disable=g-import-not-at-top
+  from gemma4_jax.export import adapter as adapter_lib  # pylint: disable=g-import-not-at-top
+  from gemma4_jax.export import base as base_lib  # pylint: disable=g-import-not-at-top
+  validation.check_input_dir("checkpoint", checkpoint)
+  if adapter is not None and not isinstance(adapter, adapter_lib.Adapter):
+    validation.check_input_dir("--adapter", adapter)
+  vocab = perplexity.read_text_config(checkpoint)["vocab_size"]
+  tokenizer = perplexity.load_tokenizer(checkpoint)
+  ids = [chat_lib.encode_prompt(tokenizer, r["prompt"], chat=chat)
+         for r in records]
+  empty = [i for i, p in enumerate(ids) if not p]
+  if empty:
+    raise ValueError(f"prompts {empty} have no tokens (the tokenizer adds "
+                     "no <bos>): pass --chat or a non-empty prompt")
+  for index, prompt in enumerate(ids):
+    if max(prompt) >= vocab:
+      # An id past the vocabulary reads no embedding row: garbage output.
+      raise ValueError(
+          f"checkpoint: {os.path.join(checkpoint, perplexity.TOKENIZER_FILE)}"
+          f" gives token id {max(prompt)} (prompt {index}) but the model's "
+          f"vocab_size is {vocab}; the tokenizer does not belong to this "
+          "checkpoint")
+  if top_k is not None and top_k > vocab:
+    raise ValueError(f"--top-k: {top_k} is more than the vocabulary ({vocab} "
+                     "tokens)")
+  if adapter is not None and not isinstance(adapter, adapter_lib.Adapter):
+    loaded = adapter_lib.load_adapter(adapter, alpha=alpha)
+    base_lib.place_deltas(base_lib.open_base(checkpoint), loaded.deltas,
+                          untie=False)
+    adapter = loaded
+  return tokenizer, ids, adapter
+
+
 def _run_command(args) -> int:
   from gemma4_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  check_flags(max_new_tokens=args.max_new_tokens,
+              temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+              adapter=args.adapter, alpha=args.alpha)
   try:
     sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
     run(args.checkpoint, prompts=args.prompt, data=args.data,

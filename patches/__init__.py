@@ -13,7 +13,7 @@ One flag per feature. `attention` patches Tunix Gemma 4 `Attention.block`
 (see `tunix_attention`), `ple` its `Embedder.encode_per_layer_input` (see
 `tunix_ple`; `ple="host"` reads a host-resident table), `lora` qwix's LoRA
 interceptor (see `qwix_lora`), `loss` Tunix's default SFT loss (see
-`tunix_loss`), `mask` Tunix's causal padding mask (see `tunix_mask`) and
+`tunix_loss`; in Tunix main also its `peft_trainer_v2`'s), `mask` Tunix's causal padding mask (see `tunix_mask`) and
 `remat` each decoder layer's remat policy (see `tunix_remat`; off unless a
 policy is named).
 
@@ -51,16 +51,22 @@ from gemma4_jax.patches._framework import TargetStatus
 __all__ = ["apply", "revert", "applied", "status", "PatchReport", "Status",
            "TargetChangedError", "TargetReport", "TargetStatus"]
 
-# feature flag -> function returning its target, or None while gemma4_jax has
-# no patch for that feature.
+# feature flag -> function returning its target or a tuple of targets (those
+# present in the installed layout), or None while gemma4_jax has no patch for
+# that feature.
 _TARGETS = {
     "attention": tunix_attention.target,
     "ple": tunix_ple.target,
     "lora": qwix_lora.target,
-    "loss": tunix_loss.target,
+    "loss": tunix_loss.targets,
     "mask": tunix_mask.target,
     "remat": tunix_remat.target,
 }
+# `Target.ops` name -> the `ops.AVAILABLE` entry whose choice it follows
+# (None: one XLA fusion on every platform, no choice).
+_OP_CHOICE = {"attention": "attention", "ple_lookup": "ple_lookup",
+              "combine_per_layer_inputs": None, "lora_einsum": "lora_matmul",
+              "softcapped_cross_entropy": "softcapped_cross_entropy"}
 _NO_PATCH_YET = "gemma4_jax has no patch for this feature yet"
 PLE_HOST = "host"  # apply(ple="host"): the PLE table stays in host memory
 
@@ -139,16 +145,17 @@ def apply(*, attention: bool = True, ple: bool | str = True, lora: bool = True,
         reports.append(TargetReport(feature, None, _framework.NOT_AVAILABLE,
                                     _NO_PATCH_YET))
       else:
-        target = _TARGETS[feature]()
-        known = _framework.check(target)
-        plan.append(target)
-        version = _framework.installed_version(target.distribution)
-        reports.append(TargetReport(
-            feature, target.name, _framework.PATCHED,
-            f"{target.distribution} {version}"
-            f"{f', {target.known_layout} layout' if target.known_layout else ''}"
-            f"{'' if known else ', untested version'}"
-            f"{'; ' + target.note if target.note else ''}"))
+        for target in _targets(feature):
+          known = _framework.check(target)
+          plan.append(target)
+          version = _framework.installed_version(target.distribution)
+          reports.append(TargetReport(
+              feature, target.name, _framework.PATCHED,
+              f"{target.distribution} {version}"
+              f"{f', {target.known_layout} layout' if target.known_layout else ''}"
+              f"{'' if known else ', untested version'}"
+              f"{'; ' + target.note if target.note else ''}",
+              runs=_runs(target, options), stock=target.stock))
     _framework.install(tuple(plan), options)
   return PatchReport(
       targets=tuple(reports), implementation=implementation,
@@ -199,27 +206,70 @@ def status() -> Status:
                                  patched=False, version=None,
                                  version_known=False, reason=_NO_PATCH_YET))
         continue
-      target, available, known, reason = None, False, False, ""
       try:
-        target = make_target()
-        known = _framework.check(target, warn=False)
-        available = True
-        if not known:
-          reason = ("untested version: "
-                    f"known to work: {target.known_to_work}")
-      except TargetChangedError as e:
-        reason = str(e)
-      rows.append(TargetStatus(
-          feature, target.name if target else None, available=available,
-          patched=target is not None and target.name in in_place,
-          version=(_framework.installed_version(target.distribution)
-                   if target else None),
-          version_known=known, reason=reason))
+        targets = _targets(feature)
+      except TargetChangedError as e:  # no known layout of the library
+        rows.append(TargetStatus(feature, None, available=False,
+                                 patched=False, version=None,
+                                 version_known=False, reason=str(e)))
+        continue
+      for target in targets:
+        available, known, reason = False, False, ""
+        try:
+          known = _framework.check(target, warn=False)
+          available = True
+          if not known:
+            reason = ("untested version: "
+                      f"known to work: {target.known_to_work}")
+        except TargetChangedError as e:
+          reason = str(e)
+        rows.append(TargetStatus(
+            feature, target.name, available=available,
+            patched=target.name in in_place,
+            version=_framework.installed_version(target.distribution),
+            version_known=known, reason=reason))
     implementation = next(
         (a.options.implementation for a in in_place.values()), None)
   return Status(targets=tuple(rows), implementation=implementation,
                 tunix_version=_framework.installed_version("google-tunix"),
                 qwix_version=_framework.installed_version("qwix"))
+
+
+def _targets(feature: str) -> tuple[_framework.Target, ...]:
+  made = _TARGETS[feature]()
+  return made if isinstance(made, tuple) else (made,)
+
+
+def _runs(target: _framework.Target,
+          options: _framework.OpOptions) -> tuple[str, ...]:
+  """The report's "runs" lines: per op the target calls, which
+  implementation runs where (`implementations.describe`)."""
+  runs = []
+  for op in target.ops:
+    choice = _OP_CHOICE[op]
+    if op == "ple_lookup" and options.ple_host:
+      where = "host-resident table, rows gathered on the host"
+    elif choice is None:
+      where = "xla everywhere (one fusion, no kernel)"
+    else:
+      name = implementations.resolve(choice, options.implementation,
+                                     ops.AVAILABLE[choice],
+                                     interpret=options.interpret)
+      where = implementations.describe(
+          name, tpu_default=ops.TPU_DEFAULT[choice])
+      if name == implementations.PALLAS_TPU:
+        where += " (interpret mode)" if options.interpret else " (TPU only)"
+      elif (name == implementations.BY_PLATFORM and
+            ops.TPU_DEFAULT[choice] != implementations.PALLAS_TPU and
+            implementations.PALLAS_TPU in ops.AVAILABLE[choice]):
+        # Why not the kernel: README's "TPU defaults".
+        where += (f"; its Pallas kernel only with implementation="
+                  f"{implementations.PALLAS_TPU!r}")
+    runs.append(f"ops.{op}: {where}")
+  if target.feature == "remat":
+    runs.append(f"each decoder layer under jax.checkpoint policy "
+                f"{options.remat!r}")
+  return tuple(runs)
 
 
 def _resolve_implementation(implementation, interpret: bool, op: str) -> str:

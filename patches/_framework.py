@@ -88,6 +88,9 @@ class Target:
     requirements: what `make_replacement` relies on.
     make_replacement: `(original, options: OpOptions) -> replacement`.
     note: appended to the report's reason when patched ("" for none).
+    ops: the `gemma4_jax.ops` functions the replacement calls (the report
+      says which implementation of each runs where).
+    stock: what the replacement leaves on the library's own path, and why.
   """
   feature: str
   module: str
@@ -99,6 +102,8 @@ class Target:
   make_replacement: Callable[[Callable, OpOptions], Callable]
   known_layout: str | None = None
   note: str = ""
+  ops: tuple[str, ...] = ()
+  stock: str = ""
 
   @property
   def name(self) -> str:
@@ -107,15 +112,24 @@ class Target:
 
 @dataclasses.dataclass(frozen=True)
 class TargetReport:
-  """What `apply()` did with one feature.
+  """What `apply()` did with one target of a feature.
 
   `state` is "patched", "skipped" (its flag was False) or "not available"
   (gemma4_jax has no patch for it yet); `target` is None in the last case.
+  A feature with several targets (the loss: Tunix's `PeftTrainer` and, where
+  it exists, its `peft_trainer_v2`) has one report per target.
+
+  Attributes:
+    runs: when patched, what runs instead, one line each ("ops.attention:
+      pallas_tpu on TPU, xla elsewhere").
+    stock: what stays on the library's own path, and why.
   """
   feature: str
   target: str | None
   state: str
   reason: str
+  runs: tuple[str, ...] = ()
+  stock: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +137,8 @@ class PatchReport:
   """The result of `apply()`.
 
   Attributes:
-    targets: one entry per feature flag, in flag order.
+    targets: one entry per target, features in flag order (a feature that
+      is off or has no patch: one entry with no target).
     implementation: the `implementation` passed to `apply()`.
     resolved_implementation: what `gemma4_jax.ops.attention` runs with for
       that choice, e.g. "pallas_tpu on TPU, xla elsewhere" for None.
@@ -149,6 +164,9 @@ class PatchReport:
     for t in self.targets:
       lines.append(f"  {t.feature:<10} {t.state:<14} {t.target or '-'}"
                    f"{'  (' + t.reason + ')' if t.reason else ''}")
+      lines.extend(f"  {'':<10} runs  {run}" for run in t.runs)
+      if t.stock:
+        lines.append(f"  {'':<10} stock {t.stock}")
     return "\n".join(lines)
 
 

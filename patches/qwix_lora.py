@@ -21,7 +21,7 @@ A QLoRA base that qwix quantized to per-channel symmetric int8
 per-channel scales and dequantizes each tile in VMEM (the call that first
 quantizes the weight stays on qwix).
 
-These stay on qwix's own path (`ROUTING_NOTE`, also in the report):
+These stay on qwix's own path (`STOCK`, also in the report):
 - LoRA dropout > 0 (qwix draws the mask from the model's rngs);
 - other quantized bases (int4, nf4, asymmetric or subchannel-tiled int8)
   and activation quantization (`act_qtype`);
@@ -51,12 +51,12 @@ FEATURE = "lora"
 DISTRIBUTION = "qwix"
 KNOWN_VERSIONS = ("0.1.8",)
 KNOWN_TO_WORK = "qwix 0.1.8 (qwix._src.providers.lora)"
-ROUTING_NOTE = (
-    "qwix LoRA einsum/dot_general run ops.lora_einsum (int8 per-channel "
-    "QLoRA base included); on qwix's own path: dropout > 0, other "
-    "weight_qtype (int4/nf4/tiled), act_qtype, "
-    "einsums with a shared uncontracted axis (MoE expert einsums), "
-    "non-default precision/preferred_element_type/out_sharding")
+ROUTING_NOTE = ("qwix LoRA einsum/dot_general run ops.lora_einsum (int8 "
+                "per-channel QLoRA base included)")
+STOCK = ("on qwix's own path: dropout > 0 (qwix draws the mask), other "
+         "weight_qtype (int4/nf4/tiled), act_qtype, "
+         "einsums with a shared uncontracted axis (MoE expert einsums), "
+         "non-default precision/preferred_element_type/out_sharding")
 _LORA = "qwix._src.providers.lora"
 _QCONFIG = "qwix._src.qconfig"
 _FLAX_UTIL = "qwix._src.utils.flax_util"
@@ -113,7 +113,7 @@ def target() -> _framework.Target:
       attribute="LoraProvider.get_intercept_map", distribution=DISTRIBUTION,
       known_versions=KNOWN_VERSIONS, known_to_work=KNOWN_TO_WORK,
       requirements=requirements, make_replacement=_make_get_intercept_map,
-      note=ROUTING_NOTE)
+      note=ROUTING_NOTE, ops=("lora_einsum",), stock=STOCK)
 
 
 def _make_get_intercept_map(original, options: _framework.OpOptions):

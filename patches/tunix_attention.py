@@ -51,6 +51,9 @@ _INSTANCE_ATTRIBUTES = (
     "rope_scale_factor", "rope_proportion")
 _CONFIG_FIELDS = ("dtype", "shd_config", "sliding_window_size",
                   "use_sliding_window_kv_cache")
+STOCK = ("none of the attention itself (training, prefill and decode all "
+         "run ops.attention); the projections, norms, RoPE and cache update "
+         "around it are Tunix's code, restated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +116,8 @@ def target() -> _framework.Target:
       feature=FEATURE, module=layout.module, attribute="Attention.block",
       distribution=DISTRIBUTION, known_versions=layout.known_versions,
       known_to_work=KNOWN_TO_WORK, requirements=requirements,
-      make_replacement=make_replacement, known_layout=layout.known_layout)
+      make_replacement=make_replacement, known_layout=layout.known_layout,
+      ops=("attention",), stock=STOCK)
 
 
 def _make_block(original: Callable, module, options: _framework.OpOptions, *,

@@ -1,7 +1,9 @@
 """Tunix's default SFT loss on Gemma 4 through the fused softcapped loss.
 
 Replaces `tunix.sft.peft_trainer._default_loss_fn`, which `PeftTrainer`
-takes as its loss when built. For a Tunix Gemma 4 model (with or without
+takes as its loss when built, and in Tunix main also
+`tunix.experimental.train.peft_trainer_v2._default_loss_fn` (its second
+trainer's copy of the same loss). For a Tunix Gemma 4 model (with or without
 qwix LoRA) and no images, the model body runs to the final norm and the tied
 LM head, the final softcap and the cross-entropy run in
 `gemma4_jax.ops.softcapped_cross_entropy`: the `[B, T, 262144]` float32
@@ -26,6 +28,7 @@ silently drop the adapters.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 
 from flax import nnx
@@ -37,6 +40,11 @@ from gemma4_jax.patches import _framework
 FEATURE = "loss"
 DISTRIBUTION = "google-tunix"
 TRAINER_MODULE = "tunix.sft.peft_trainer"
+# Tunix main's second trainer, with its own copy of the same loss; absent in
+# google-tunix 0.1.7, where it is simply not part of the plan.
+TRAINER_V2_MODULE = "tunix.experimental.train.peft_trainer_v2"
+STOCK = ("other models, image inputs, losses set with with_loss_fn, and "
+         "trainers built before apply() keep Tunix's loss")
 MODEL_MODULE = "tunix.models.gemma4.model"
 KNOWN_VERSIONS = ("0.1.7",)
 KNOWN_TO_WORK = (f"{DISTRIBUTION} 0.1.7 and Tunix main ({MODEL_MODULE}."
@@ -49,12 +57,27 @@ NORMALIZER_EPS = 1e-8
 _FINAL_NORM = "final_norm"
 
 
-def target() -> _framework.Target:
-  """The `_default_loss_fn` target for the installed Tunix."""
+def targets() -> tuple[_framework.Target, ...]:
+  """Every trainer's `_default_loss_fn` in the installed Tunix: `PeftTrainer`'s
+  and, where the module exists (Tunix main), `peft_trainer_v2`'s."""
+  return (target(),) + ((target(TRAINER_V2_MODULE),)
+                        if _exists(TRAINER_V2_MODULE) else ())
+
+
+def _exists(module: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ImportError:  # a parent package is missing (google-tunix 0.1.7)
+    return False
+
+
+def target(trainer_module: str = TRAINER_MODULE) -> _framework.Target:
+  """The `_default_loss_fn` target of `trainer_module` for the installed
+  Tunix."""
   requirements = (
-      _framework.Requirement(TRAINER_MODULE, "_default_loss_fn",
+      _framework.Requirement(trainer_module, "_default_loss_fn",
                              parameters=_LOSS_PARAMETERS),
-      _framework.Requirement(TRAINER_MODULE, "PeftTrainer.__init__",
+      _framework.Requirement(trainer_module, "PeftTrainer.__init__",
                              names=("_default_loss_fn",)),
       _framework.Requirement(MODEL_MODULE, "Gemma4.__call__"),
       _framework.Requirement(MODEL_MODULE, "Embedder.decode"),
@@ -70,10 +93,11 @@ def target() -> _framework.Target:
     return _make_loss_fn(original, options)
 
   return _framework.Target(
-      feature=FEATURE, module=TRAINER_MODULE, attribute="_default_loss_fn",
+      feature=FEATURE, module=trainer_module, attribute="_default_loss_fn",
       distribution=DISTRIBUTION, known_versions=KNOWN_VERSIONS,
       known_to_work=KNOWN_TO_WORK, requirements=requirements,
-      make_replacement=make_replacement)
+      make_replacement=make_replacement, ops=("softcapped_cross_entropy",),
+      stock=STOCK)
 
 
 def _skips_lm_head() -> bool:

@@ -47,7 +47,10 @@ def target() -> _framework.Target:
       distribution=DISTRIBUTION, known_versions=KNOWN_VERSIONS,
       known_to_work=KNOWN_TO_WORK, requirements=requirements,
       make_replacement=make_replacement,
-      note="a [B, T] causal padding mask stands for the [B, T, T] array")
+      note="a [B, T] causal padding mask stands for the [B, T, T] array",
+      stock="input masks other than boolean [B, T] go to Tunix's function; "
+      "code that imported make_causal_attn_mask by name before apply() "
+      "(tunix.rl.common) keeps the original")
 
 
 def _make_causal_attn_mask(original):

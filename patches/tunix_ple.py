@@ -40,6 +40,8 @@ FEATURE = "ple"
 DISTRIBUTION = "google-tunix"
 NO_PLE_NOTE = ("no-op on models without PLE (per_layer_input_dim 0/None: "
                "31B, 26B-A4B, 12B)")
+STOCK = ("the projection (Tunix's Einsum, so qwix LoRA on it applies); "
+         + NO_PLE_NOTE)
 _INSTANCE_ATTRIBUTES = ("config", "vocab_size", "per_layer_model_projection",
                         "per_layer_projection_norm",
                         "per_layer_input_embedding")
@@ -82,8 +84,9 @@ def target() -> _framework.Target:
       attribute="Embedder.encode_per_layer_input",
       distribution=DISTRIBUTION, known_versions=layout.known_versions,
       known_to_work=KNOWN_TO_WORK, requirements=requirements,
-      make_replacement=_make_encode_per_layer_input, note=NO_PLE_NOTE,
-      known_layout=layout.known_layout)
+      make_replacement=_make_encode_per_layer_input,
+      known_layout=layout.known_layout,
+      ops=("ple_lookup", "combine_per_layer_inputs"), stock=STOCK)
 
 
 def offload_table(model, table: HostTable | None = None) -> HostTable:

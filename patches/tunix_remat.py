@@ -83,7 +83,9 @@ def target() -> _framework.Target:
       feature=FEATURE, module=module, attribute="DecoderLayer.__call__",
       distribution=DISTRIBUTION, known_versions=KNOWN_VERSIONS,
       known_to_work=KNOWN_TO_WORK, requirements=requirements,
-      make_replacement=make_replacement)
+      make_replacement=make_replacement,
+      stock="the model's RematConfig for whole decoder layers (Tunix's "
+      "BLOCK remat inside attention and MLP, if set, still applies)")
 
 
 def _make_call(original, name: str):

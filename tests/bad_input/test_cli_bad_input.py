@@ -643,6 +643,133 @@ def test_perplexity_bad_adapter_and_flags(files, tmp_path, capsys, no_model,
   assert_refused(code, err, match, usage=name == "dtype")
 
 
+# generate: every case is refused before the adapter is merged or a model
+# loaded, with exit status 2.
+@pytest.fixture
+def no_generation(monkeypatch):
+  def guard(*args, **kwargs):
+    raise AssertionError("generate merged or loaded a model for bad input")
+  monkeypatch.setattr(perplexity, "load_model", guard)
+  monkeypatch.setattr(perplexity, "merged_checkpoint", guard)
+
+
+GENERATE = [
+    # (id, flags (PROMPT: --prompt w3 w4 added), match); names in capitals
+    # are replaced by paths made in the test.
+    ("max-new-tokens-zero", ["--max-new-tokens", "0"],
+     r"--max-new-tokens must be >= 1, got 0"),
+    ("max-new-tokens-negative", ["--max-new-tokens=-5"],
+     r"--max-new-tokens must be >= 1"),
+    ("max-new-tokens-text", ["--max-new-tokens", "many"],
+     r"argument --max-new-tokens: invalid int value"),
+    ("batch-size-zero", ["--batch-size", "0"],
+     r"--batch-size must be >= 1, got 0"),
+    ("batch-size-float", ["--batch-size", "2.5"],
+     r"argument --batch-size: invalid int value"),
+    ("seed-negative", ["--seed=-1"], r"--seed must be >= 0, got -1"),
+    ("seed-past-32-bits", ["--seed", str(2**32 + 7)],
+     r"--seed must be < 2\*\*32 .*would repeat seed 7"),
+    ("seed-text", ["--seed", "abc"], r"argument --seed: invalid int value"),
+    ("temperature-negative", ["--temperature=-0.5"],
+     r"--temperature must be >= 0 \(0 for greedy\), got -0.5"),
+    ("temperature-nan", ["--temperature", "nan"],
+     r"--temperature must be a Python number \(finite; 0 for greedy"),
+    ("temperature-inf", ["--temperature", "inf"],
+     r"--temperature must be a Python number \(finite"),
+    ("temperature-text", ["--temperature", "hot"],
+     r"argument --temperature: invalid float value"),
+    ("top-k-zero", ["--temperature", "1", "--top-k", "0"],
+     r"--top-k must be >= 1, got 0"),
+    ("top-k-past-vocab", ["--temperature", "1", "--top-k", "1000"],
+     r"--top-k: 1000 is more than the vocabulary \(256 tokens\)"),
+    ("top-k-float", ["--temperature", "1", "--top-k", "2.5"],
+     r"argument --top-k: invalid int value"),
+    ("top-p-zero", ["--temperature", "1", "--top-p", "0"],
+     r"--top-p must be in \(0, 1\], got 0.0"),
+    ("top-p-above-one", ["--temperature", "1", "--top-p", "1.5"],
+     r"--top-p must be in \(0, 1\], got 1.5"),
+    ("top-p-nan", ["--temperature", "1", "--top-p", "nan"],
+     r"--top-p must be a Python number \(finite; in \(0, 1\]\)"),
+    ("top-k-greedy", ["--top-k", "5"],
+     r"--top-k/--top-p: greedy decoding \(--temperature 0\) would ignore"),
+    ("top-p-greedy", ["--top-p", "0.9"],
+     r"--top-k/--top-p: greedy decoding"),
+    ("dtype", ["--dtype", "float16"], r"argument --dtype: invalid choice"),
+    ("alpha-without-adapter", ["--alpha", "8"],
+     r"--alpha is the alpha of --adapter; pass --adapter too"),
+    ("alpha-nan", ["--adapter", "TUNIX", "--alpha", "nan"],
+     r"alpha \(--alpha\): expected a positive number, got nan"),
+    ("alpha-zero", ["--adapter", "TUNIX", "--alpha", "0"],
+     r"alpha \(--alpha\): expected a positive number, got 0.0"),
+    ("adapter-missing", ["--adapter", "MISSING"],
+     r"--adapter: .*missing' does not exist"),
+    ("adapter-file", ["--adapter", "FILE"], r"--adapter: .* is not a "
+     r"directory"),
+    ("tunix-without-alpha", ["--adapter", "TUNIX"],
+     r"alpha: the Tunix checkpoint .* does not record the LoRA alpha"),
+    ("adapter-other-model-size", ["--adapter", "OTHER_SIZE", "--alpha", "8"],
+     r"adapter/base shape mismatch"),
+    ("no-prompts", ["NO_PROMPT"], r"no prompts: give --prompt or --data"),
+    ("data-missing", ["--data", "MISSING"],
+     r"--data: .*missing' does not exist"),
+    ("data-directory", ["--data", "DIR"],
+     r"--data: .* is a directory, not a JSONL file"),
+    ("data-not-utf8", ["--data", "NOT_UTF8"], r"data.jsonl:1: not UTF-8"),
+    ("data-list-line", ["--data", "LIST_LINE"],
+     r"data.jsonl:1: expected a JSON object, got list"),
+    ("data-prompt-int", ["--data", "PROMPT_INT"],
+     r"data.jsonl:1: expected a 'prompt' \(or 'text'\) string"),
+    ("data-completion-int", ["--data", "COMPLETION_INT"],
+     r"data.jsonl:1: field 'completion' must be a string, got int"),
+    ("checkpoint-missing", ["CHECKPOINT_MISSING"],
+     r"checkpoint: .*nowhere' does not exist"),
+    ("checkpoint-no-tokenizer", ["NO_TOKENIZER"],
+     r"checkpoint: no tokenizer.json in"),
+    ("checkpoint-bad-config", ["BAD_CONFIG"],
+     r"config.json: expected a JSON object, got a list"),
+    ("ids-past-vocab", ["BIG_TOKENIZER", "--prompt", "w300"],
+     r"tokenizer.json gives token id 300 \(prompt 1\) but the model's "
+     r"vocab_size is 256"),
+]
+
+
+@pytest.mark.parametrize("name, flags, match", GENERATE,
+                         ids=[row[0] for row in GENERATE])
+def test_generate(files, tmp_path, capsys, no_generation, name, flags,
+                  match):
+  del no_generation
+  (tmp_path / "a_file").write_text("x")
+  other = str(tmp_path / "other")
+  conftest.write_tunix_checkpoint(
+      {"layers.0.mlp.gate_proj.kernel_lora_a": np.ones((64, 4)),
+       "layers.0.mlp.gate_proj.kernel_lora_b": np.ones((4, 128))}, other)
+  data = tmp_path / "data.jsonl"
+  contents = {"NOT_UTF8": b'{"prompt": "\xff\xfe"}\n',
+              "LIST_LINE": b"[1]\n", "PROMPT_INT": b'{"prompt": 3}\n',
+              "COMPLETION_INT": b'{"prompt": "w3", "completion": 4}\n'}
+  checkpoint, prompt = files.base_dir, ["--prompt", "w3 w4"]
+  checkpoints = {
+      "CHECKPOINT_MISSING": lambda: str(tmp_path / "nowhere"),
+      "NO_TOKENIZER": lambda: _checkpoint(files, tmp_path, lambda d: os.remove(
+          os.path.join(d, "tokenizer.json"))),
+      "BAD_CONFIG": lambda: _checkpoint(files, tmp_path,
+                                        _write("config.json", "[]")),
+      "BIG_TOKENIZER": lambda: _checkpoint(files, tmp_path, _big_tokenizer)}
+  if flags[0] in checkpoints:
+    checkpoint, flags = checkpoints[flags[0]](), flags[1:]
+  elif flags[0] == "NO_PROMPT":
+    prompt, flags = [], []
+  elif len(flags) == 2 and flags[1] in contents:
+    data.write_bytes(contents[flags[1]])
+  names = {"MISSING": str(tmp_path / "missing"), "FILE": tmp_path / "a_file",
+           "TUNIX": files.tunix_root, "OTHER_SIZE": other, "DIR": tmp_path,
+           **{key: data for key in contents}}
+  flags = [names.get(f, f) for f in flags]
+  code, _, err = run(capsys, "generate", checkpoint, *prompt, *flags)
+  assert code == 2, err
+  assert_refused(code, err, match, usage="argument --" in match)
+
+
 @pytest.mark.parametrize("flags, match", [
     (["--steps", "1"], r"steps \(--steps\) must be >= 2"),
     (["--steps", "0"], r"steps \(--steps\) must be >= 2"),

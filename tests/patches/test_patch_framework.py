@@ -24,6 +24,8 @@ TARGET = "tunix.models.gemma4.model:Attention.block"
 PLE_TARGET = "tunix.models.gemma4.model:Embedder.encode_per_layer_input"
 LORA_TARGET = "qwix._src.providers.lora:LoraProvider.get_intercept_map"
 MASK_TARGET = "tunix.sft.utils:make_causal_attn_mask"
+LOSS_TARGET = "tunix.sft.peft_trainer:_default_loss_fn"
+LOSS_V2_MODULE = "tunix.experimental.train.peft_trainer_v2"
 ORIGINAL = gemma4_lib.Attention.__dict__["block"]
 
 
@@ -55,6 +57,23 @@ def test_apply_reports_and_revert_restores_the_original_object():
   assert report.implementation is None
   assert report.resolved_implementation == "pallas_tpu on TPU, xla elsewhere"
   assert TARGET in str(report)
+  runs = {t.feature: t.runs for t in report.targets}
+  assert runs == {
+      "attention": ("ops.attention: pallas_tpu on TPU, xla elsewhere",),
+      "ple": ("ops.ple_lookup: xla everywhere; its Pallas kernel only with "
+              "implementation='pallas_tpu'",
+              "ops.combine_per_layer_inputs: xla everywhere (one fusion, no "
+              "kernel)"),
+      "lora": ("ops.lora_einsum: xla everywhere; its Pallas kernel only with "
+               "implementation='pallas_tpu'",),
+      "loss": (), "mask": (), "remat": ()}
+  stock = {t.feature: t.stock for t in report.targets if t.stock}
+  assert set(stock) == {"attention", "ple", "lora", "mask"}
+  assert "dropout > 0" in stock["lora"] and "31B" in stock["ple"]
+  text = str(report)
+  for target in report.targets:
+    assert all(f"runs  {run}" in text for run in target.runs)
+    assert not target.stock or f"stock {target.stock}" in text
   assert patches.revert() == (MASK_TARGET, LORA_TARGET, PLE_TARGET, TARGET)
   assert gemma4_lib.Attention.block is ORIGINAL
   assert patches.revert() == ()
@@ -76,6 +95,88 @@ def test_apply_twice_is_harmless_and_other_options_replace_cleanly():
   assert report.patched == (LORA_TARGET,)
   assert report.targets[0].state == "skipped"
   assert gemma4_lib.Attention.block is ORIGINAL
+
+
+def test_report_follows_implementation_remat_and_host_table():
+  report = patches.apply(implementation="pallas_tpu", interpret=True,
+                         ple="host", remat="full")
+  runs = {t.feature: t.runs for t in report.targets}
+  assert runs["attention"] == ("ops.attention: pallas_tpu (interpret mode)",)
+  assert runs["ple"][0] == ("ops.ple_lookup: host-resident table, rows "
+                            "gathered on the host")
+  assert runs["loss"] == ("ops.softcapped_cross_entropy: pallas_tpu "
+                          "(interpret mode)",)
+  assert runs["remat"] == ("each decoder layer under jax.checkpoint policy "
+                           "'full'",)
+  report = patches.apply(implementation="pallas_tpu", loss=False)
+  assert report.targets[0].runs == ("ops.attention: pallas_tpu (TPU only)",)
+  # google-tunix 0.1.7 has no peft_trainer_v2: one loss target, no error.
+  report = patches.apply(implementation="xla")
+  assert [t.target for t in report.targets if t.feature == "loss"] == [
+      LOSS_TARGET]
+  assert report.targets[0].runs == ("ops.attention: xla",)
+
+
+# A trainer module shaped like Tunix main's peft_trainer_v2: its own copy of
+# the default loss, which its PeftTrainer takes when built. `exec`'d so that
+# `_default_loss_fn` is a global name of `__init__` (what the check reads).
+_V2_SOURCE = """
+from tunix.sft import peft_trainer as _v1
+
+
+def _default_loss_fn(model, input_tokens, input_mask, positions,
+                     attention_mask, images=None):
+  return _v1._default_loss_fn(model, input_tokens, input_mask, positions,
+                              attention_mask, images)
+
+
+class PeftTrainer:
+  def __init__(self):
+    self.loss_fn = _default_loss_fn
+"""
+
+
+def test_one_feature_patches_every_trainer_present(monkeypatch):
+  """The loss feature maps to each trainer module that exists: with a
+  peft_trainer_v2 present both are patched, reported, reverted together.
+  tests/patches/test_patch_loss.py runs Tunix main's real one."""
+  for name in ("tunix.experimental", "tunix.experimental.train"):
+    package = types.ModuleType(name)
+    package.__spec__ = importlib.machinery.ModuleSpec(name, None,
+                                                      is_package=True)
+    package.__path__ = []
+    monkeypatch.setitem(sys.modules, name, package)
+  v2 = types.ModuleType(LOSS_V2_MODULE)
+  v2.__spec__ = importlib.machinery.ModuleSpec(LOSS_V2_MODULE, None)
+  exec(compile(_V2_SOURCE, LOSS_V2_MODULE, "exec"), v2.__dict__)  # pylint: disable=exec-used
+  monkeypatch.setitem(sys.modules, LOSS_V2_MODULE, v2)
+  stock_v2 = v2._default_loss_fn  # pylint: disable=protected-access
+  v2_target = f"{LOSS_V2_MODULE}:_default_loss_fn"
+
+  report = patches.apply()
+  assert report.patched == (TARGET, PLE_TARGET, LORA_TARGET, LOSS_TARGET,
+                            v2_target, MASK_TARGET)
+  losses = [t for t in report.targets if t.feature == "loss"]
+  assert [t.target for t in losses] == [LOSS_TARGET, v2_target]
+  assert all(t.runs == ("ops.softcapped_cross_entropy: pallas_tpu on TPU, "
+                        "xla elsewhere",) for t in losses)
+  assert v2._default_loss_fn.__wrapped__ is stock_v2  # pylint: disable=protected-access
+  assert v2.PeftTrainer().loss_fn is v2._default_loss_fn  # pylint: disable=protected-access
+  status = [t for t in patches.status().targets if t.feature == "loss"]
+  assert [(t.target, t.patched) for t in status] == [(LOSS_TARGET, True),
+                                                     (v2_target, True)]
+  assert patches.revert() == (MASK_TARGET, v2_target, LOSS_TARGET,
+                              LORA_TARGET, PLE_TARGET, TARGET)
+  assert v2._default_loss_fn is stock_v2  # pylint: disable=protected-access
+
+  # A v2 whose trainer no longer takes the default loss is refused by name.
+  exec("class PeftTrainer:\n  def __init__(self):\n    pass\n",  # pylint: disable=exec-used
+       v2.__dict__)
+  with pytest.raises(patches.TargetChangedError,
+                     match=r"peft_trainer_v2.PeftTrainer.__init__ no longer "
+                     "uses _default_loss_fn"):
+    patches.apply()
+  assert v2._default_loss_fn is stock_v2  # pylint: disable=protected-access
 
 
 def test_applied_restores_on_exit_and_on_exception():

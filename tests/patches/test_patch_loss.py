@@ -19,6 +19,7 @@ from tunix.sft import peft_trainer
 
 import gemma4_jax.patches as patches
 from gemma4_jax import testing
+from gemma4_jax.patches import tunix_loss
 from gemma4_jax import tiny_models
 
 pytestmark = pytest.mark.slow
@@ -144,3 +145,29 @@ def test_other_models_and_custom_losses_are_left_alone(lora_model):
     custom = lambda model, **kwargs: jnp.zeros(())
     assert during.with_loss_fn(custom).loss_fn is custom
   assert before.loss_fn is STOCK_LOSS
+
+
+@pytest.mark.skipif(
+    not tunix_loss._exists(tunix_loss.TRAINER_V2_MODULE),  # pylint: disable=protected-access
+    reason="this Tunix has no tunix.experimental.train.peft_trainer_v2 "
+    "(google-tunix 0.1.7); tests/tunix_main runs this on Tunix main")
+def test_peft_trainer_v2_loss_is_patched_too(lora_model):
+  """Tunix main's second trainer (`peft_trainer_v2`) has its own copy of the
+  default loss; the loss patch replaces it as well. google-tunix 0.1.7 has
+  no such module (then it is not part of the plan: test_patch_framework)."""
+  from tunix.experimental.train import peft_trainer_v2  # pylint: disable=g-import-not-at-top
+  stock_v2 = peft_trainer_v2._default_loss_fn  # pylint: disable=protected-access
+  inputs = _inputs("right", seed=6)
+  with patches.applied(**LOSS_ONLY) as report:
+    patched_v2 = peft_trainer_v2._default_loss_fn  # pylint: disable=protected-access
+    assert (f"{peft_trainer_v2.__name__}:_default_loss_fn" in report.patched)
+  assert patched_v2.__wrapped__ is stock_v2
+  assert peft_trainer_v2._default_loss_fn is stock_v2  # pylint: disable=protected-access
+  patched = _value_and_lora_grads(patched_v2, lora_model, inputs)
+  stock = _value_and_lora_grads(stock_v2, lora_model, inputs)
+  with jax.enable_x64(True):
+    stock64 = _value_and_lora_grads(
+        stock_v2, tiny_models.float64_copy(lora_model), inputs)
+  testing.assert_model_close(patched[0], stock[0], stock64[0], name="loss")
+  testing.assert_model_close(patched[1], stock[1], stock64[1],
+                             name="LoRA grads")

@@ -180,7 +180,7 @@ def test_report_revert_and_switching_modes(lora_model, inputs):
   report = patches.apply(**OTHERS_OFF, ple=True)
   (ple_report,) = [t for t in report.targets if t.feature == "ple"]
   assert ple_report.target.endswith("Embedder.encode_per_layer_input")
-  assert "no-op on models without PLE" in ple_report.reason
+  assert "no-op on models without PLE" in ple_report.stock
   device_method = embedder_cls.encode_per_layer_input
   assert device_method.__wrapped__ is original
   patches.apply(**OTHERS_OFF, ple="host")
