@@ -60,8 +60,11 @@ def fit_cell(result: dict) -> str:
   gib = result["total_bytes"] / GIB
   if result["fits"]:
     return f"{gib:.2f}"
-  compiled = result["pallas_kernels"] is not None
-  return f"{'' if compiled else '≥ '}{gib:.2f} (does not fit)"
+  # XLA named its temporaries only ("HLO temporaries (x) exceeds"): fit
+  # added the arguments, and the code is unknown, so it is a lower bound.
+  lower_bound = (result["pallas_kernels"] is None
+                 and result["temp_bytes"] is not None)
+  return f"{'≥ ' if lower_bound else ''}{gib:.2f} (does not fit)"
 
 
 def _latest(rows: list[dict]) -> list[dict]:
