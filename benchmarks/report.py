@@ -176,7 +176,9 @@ def op_table(memory: list[dict]) -> str:
     row = [f"`{op}`", case, label]
     for t in seq_lens:
       m = cells.get((op, case, impl, t))
-      row.append("—" if m is None else f"{m['temp_bytes'] / MIB:.1f}")
+      row.append("—" if m is None else f"{m['temp_bytes'] / MIB:.1f}"
+                 if m.get("fits", True) else
+                 f"≥ {m['temp_bytes'] / MIB:.0f} (out of HBM)")
     out.append("| " + " | ".join(row) + " |")
   return "\n".join(out)
 
