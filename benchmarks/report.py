@@ -255,7 +255,10 @@ def headline(fit_rows: list[dict], memory: list[dict]) -> str:
       out.append(
           f"| `{op}` {case}, fwd+bwd HBM temporaries at {m['tokens']} "
           f"tokens | {m['temp_bytes'] / MIB:.1f} MiB ({m['runs']}) | "
-          f"{cells['stock']['temp_bytes'] / MIB:.1f} MiB |")
+          + (f"{cells['stock']['temp_bytes'] / MIB:.1f} MiB |"
+             if cells["stock"].get("fits", True) else
+             f"≥ {cells['stock']['temp_bytes'] / MIB:.0f} MiB (over one "
+             "chip's HBM) |"))
   return "\n".join(out)
 
 
