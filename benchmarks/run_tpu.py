@@ -40,6 +40,7 @@ import json
 import os
 import pathlib
 import platform
+import re
 import sys
 import time
 
@@ -206,17 +207,32 @@ def memory(seq_lens, *, on_device: bool, ops_=OPS) -> list[dict]:
               for s, d in shapes]
       for impl, fn in fns.items():
         start = time.perf_counter()
-        compiled = jax.jit(fn).lower(*args).compile()
+        row = {"op": op, "case": case, "implementation": impl,
+               "runs": (_default_name(op) if impl == DEFAULT else impl),
+               "seq_len": seq_len, "batch": batch, "tokens": tokens,
+               "useful_flops": flops}
+        try:
+          compiled = jax.jit(fn).lower(*args).compile()
+        except jax.errors.JaxRuntimeError as e:
+          # XLA:TPU refuses a program over the chip's HBM, naming what its
+          # temporaries need: a lower bound of the stock figure.
+          need = re.search(r"HLO temporaries \(([\d.]+)G\)", str(e))
+          if need is None:
+            raise
+          rows.append({**row, "fits": False,
+                       "temp_bytes": int(float(need.group(1)) * 2**30),
+                       "compile_seconds": round(time.perf_counter() - start,
+                                                2)})
+          print(f"memory {op:25} {case:28} T={seq_len:<6} {impl:8} out of "
+                f"HBM (needs {need.group(1)} GiB)", file=sys.stderr)
+          continue
         analysis = compiled.memory_analysis()
         rows.append({
-            "op": op, "case": case, "implementation": impl,
-            "runs": (_default_name(op) if impl == DEFAULT else impl),
-            "seq_len": seq_len, "batch": batch, "tokens": tokens,
+            **row, "fits": True,
             "temp_bytes": analysis.temp_size_in_bytes,
             "argument_bytes": analysis.argument_size_in_bytes,
             "output_bytes": analysis.output_size_in_bytes,
             "pallas_kernels": testing.mosaic_kernels(compiled),
-            "useful_flops": flops,
             "compile_seconds": round(time.perf_counter() - start, 2)})
         print(f"memory {op:25} {case:28} T={seq_len:<6} {impl:8} "
               f"{analysis.temp_size_in_bytes / 2**20:10.1f} MiB "
