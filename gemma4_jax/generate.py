@@ -253,37 +253,19 @@ def read_prompts(path: str | os.PathLike) -> list[dict]:
   Raises:
     ValueError: naming the file and line of the first bad record.
   """
+  from gemma4_jax import perplexity  # pylint: disable=g-import-not-at-top
   records = []
-  if os.path.isdir(path):
-    raise ValueError(f"--data: {os.fspath(path)!r} is a directory, not a "
-                     "JSONL file")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"--data: {os.fspath(path)!r} does not exist")
-  with open(path, "rb") as f:
-    for number, raw in enumerate(f, 1):
-      where = f"{os.fspath(path)}:{number}"
-      try:
-        line = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        raise ValueError(f"{where}: not UTF-8 text ({e})") from None
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not a JSON object ({e})") from None
-      if not isinstance(record, dict):
-        raise ValueError(f"{where}: expected a JSON object, got "
-                         f"{type(record).__name__}")
-      prompt = record.get("prompt", record.get("text"))
-      if not isinstance(prompt, str):
-        raise ValueError(f"{where}: expected a 'prompt' (or 'text') string, "
-                         f"got fields {sorted(record)}")
-      reference = record.get("completion")
-      if reference is not None and not isinstance(reference, str):
-        raise ValueError(f"{where}: field 'completion' must be a string, got "
-                         f"{type(reference).__name__}")
-      records.append({"prompt": prompt, "completion": reference})
+  for where, record in perplexity.jsonl_objects(path, error=ValueError,
+                                                missing=FileNotFoundError):
+    prompt = record.get("prompt", record.get("text"))
+    if not isinstance(prompt, str):
+      raise ValueError(f"{where}: expected a 'prompt' (or 'text') string, "
+                       f"got fields {sorted(record)}")
+    reference = record.get("completion")
+    if reference is not None and not isinstance(reference, str):
+      raise ValueError(f"{where}: field 'completion' must be a string, got "
+                       f"{type(reference).__name__}")
+    records.append({"prompt": prompt, "completion": reference})
   return records
 
 

@@ -68,6 +68,39 @@ class Result:
     return math.exp(self.mean_nll) if self.num_tokens else math.nan
 
 
+def jsonl_objects(path: str | os.PathLike, *, error=DatasetError,
+                  missing=DatasetError):
+  """Yields `(where, record)` for each non-blank line of a JSONL file, each
+  record a JSON object; `where` is "file:line".
+
+  Raises:
+    `missing`: the path does not exist; `error`: a directory, a line that
+    is not UTF-8, not JSON or not an object (naming file and line).
+  """
+  if os.path.isdir(path):
+    raise error(f"--data: {os.fspath(path)!r} is a directory, not a JSONL "
+                "file")
+  if not os.path.exists(path):
+    raise missing(f"--data: {os.fspath(path)!r} does not exist")
+  with open(path, "rb") as f:
+    for number, raw in enumerate(f, 1):
+      where = f"{os.fspath(path)}:{number}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise error(f"{where}: not UTF-8 text ({e})") from None
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise error(f"{where}: not a JSON object ({e})") from None
+      if not isinstance(record, dict):
+        raise error(f"{where}: expected a JSON object, got "
+                    f"{type(record).__name__}")
+      yield where, record
+
+
 def read_dataset(path: str | os.PathLike) -> list[dict]:
   """JSONL records with `text`, or `prompt` and `completion` (strings).
 
@@ -75,40 +108,20 @@ def read_dataset(path: str | os.PathLike) -> list[dict]:
     DatasetError: naming the file and line of the first bad record.
   """
   records = []
-  if os.path.isdir(path):
-    raise DatasetError(f"--data: {os.fspath(path)!r} is a directory, not a "
-                       "JSONL file")
-  if not os.path.exists(path):
-    raise DatasetError(f"--data: {os.fspath(path)!r} does not exist")
-  with open(path, "rb") as f:
-    for number, raw in enumerate(f, 1):
-      where = f"{os.fspath(path)}:{number}"
-      try:
-        line = raw.decode("utf-8")
-      except UnicodeDecodeError as e:
-        raise DatasetError(f"{where}: not UTF-8 text ({e})") from None
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise DatasetError(f"{where}: not a JSON object ({e})") from None
-      if not isinstance(record, dict):
-        raise DatasetError(f"{where}: expected a JSON object, got "
-                           f"{type(record).__name__}")
-      if "text" in record:
-        fields = ("text",)
-      elif "prompt" in record and "completion" in record:
-        fields = ("prompt", "completion")
-      else:
-        raise DatasetError(
-            f"{where}: expected a 'text' field, or 'prompt' and "
-            f"'completion' fields; got {sorted(record)}")
-      for field in fields:
-        if not isinstance(record[field], str):
-          raise DatasetError(f"{where}: field {field!r} must be a string, "
-                             f"got {type(record[field]).__name__}")
-      records.append({field: record[field] for field in fields})
+  for where, record in jsonl_objects(path):
+    if "text" in record:
+      fields = ("text",)
+    elif "prompt" in record and "completion" in record:
+      fields = ("prompt", "completion")
+    else:
+      raise DatasetError(
+          f"{where}: expected a 'text' field, or 'prompt' and "
+          f"'completion' fields; got {sorted(record)}")
+    for field in fields:
+      if not isinstance(record[field], str):
+        raise DatasetError(f"{where}: field {field!r} must be a string, "
+                           f"got {type(record[field]).__name__}")
+    records.append({field: record[field] for field in fields})
   return records
 
 
