@@ -85,7 +85,7 @@ def stock_attention(window):
     mask = pos[None, :] <= pos[:, None]
     if window is not None:
       mask &= pos[None, :] > pos[:, None] - window
-    mask = mask[None] & valid[:, None, :] & valid[:, :, None]
+    mask = mask[None] & valid[:, None, :]  # Tunix masks keys, not queries
     logits = jnp.where(mask[:, None, None], logits, -2.3819763e38)
     probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
     return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
@@ -93,12 +93,10 @@ def stock_attention(window):
 
 
 def ops_attention(window, implementation):
-  """`ops.attention` as the Tunix patch calls it."""
+  """`ops.attention` as the Tunix patch calls it (with the `mask` patch:
+  causal, and a `[B, 1, 1, S]` key mask)."""
   def attention(q, k, v, valid):
-    t = q.shape[1]
-    mask = (jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
-            & valid[:, :, None])
-    return ops.attention(q, k, v, mask=mask, causal=False,
+    return ops.attention(q, k, v, mask=valid[:, None, None, :], causal=True,
                          sliding_window=window, scale=1.0,
                          implementation=implementation)
   return attention

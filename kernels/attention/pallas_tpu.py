@@ -52,7 +52,8 @@ class BlockSizes:
 
   VMEM per grid step, bf16, v5e defaults (R = G * block_q = 1024 rows,
   block_kv = 512; double-buffered q/o/do tiles 2 x R x H x 2 B each, K and V
-  2 x 512 x H x 2 B each, lse/di 2 x R x 128 x 4 B each, f32 temporaries
+  2 x 512 x H x 2 B each, lse/di R x 4 B blocks widened in VMEM to R x 128 x
+  4 B each, f32 temporaries
   R x 512 x 4 B = 2 MiB each (s, p, masks; dp, ds in the backward), f32
   accumulators):
     head_dim 256: fwd 14 MiB, dq 17 MiB, dk/dv 18 MiB;
@@ -74,11 +75,11 @@ class BlockSizes:
   @classmethod
   def get_default(cls, *, group: int, head_dim: int) -> BlockSizes:
     """About 1024 tile rows and 512 keys: the MXU is fed 1024x512 logits
-    per step, and window/causal skipping keeps a 512-key granularity."""
+    per step, and window/causal skipping keeps a 512-key granularity.
+    `block_q` is a multiple of 128: the logsumexp blocks are lane-major."""
     del head_dim  # 256 and 512 both fit the same tiles (see the budget).
-    block_q = min(512, max(128, 1024 // group))
-    return cls(block_q=block_q // BLOCK_Q_MULTIPLE * BLOCK_Q_MULTIPLE,
-               block_kv=512)
+    block_q = min(512, max(NUM_LANES, 1024 // group))
+    return cls(block_q=block_q // NUM_LANES * NUM_LANES, block_kv=512)
 
 
 def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
@@ -122,6 +123,12 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
       q.shape, k.shape, mask=mask, segment_ids=segment_ids, causal=causal,
       sliding_window=sliding_window, block_sizes=block_sizes)
   padded_q_len = fwd_schedule.rows * block_q
+  if not interpret and fwd_schedule.rows > 1 and block_q % NUM_LANES:
+    # The logsumexp is stored lane-major, [.., T]: a block of it is a whole
+    # number of 128-lane tiles unless it spans all of T.
+    raise ValueError(f"block_q must be a multiple of {NUM_LANES} on TPU when "
+                     f"T={q_len} needs more than one query block, got "
+                     f"{block_q}")
   mask_group = 0
   q_ids = kv_ids = mask_i8 = None
   if mask is not None:
@@ -256,14 +263,7 @@ def _attention_fwd(q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids,
   qt, kt, vt = _to_kernel_layout(q, k, v, static)
   out, lse = _forward(qt, kt, vt, fwd_entries, mask, q_ids, kv_ids, static)
   out = checkpoint_name(_rows_from_kernel(out, static), attention_names.OUTPUT)
-  # The kernel writes the logsumexp broadcast over 128 lanes; the residual
-  # kept until the backward pass (in a model: one per layer) is one lane.
-  # Measured on a v5e compile: XLA schedules this slice next to its reader in
-  # the backward pass, so all 128 lanes stay alive meanwhile (4 MiB a layer
-  # at 4 x 1024 tokens, without remat); a reduction or an optimization
-  # barrier instead of the slice changes nothing. A forward kernel writing
-  # a lane-major [.., T] logsumexp would end it.
-  lse = checkpoint_name(lse[..., 0], attention_names.LOGSUMEXP)
+  lse = checkpoint_name(lse, attention_names.LOGSUMEXP)
   return out, (q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids, out,
                lse)
 
@@ -271,10 +271,9 @@ def _attention_fwd(q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids,
 def _attention_bwd(static, residuals, d_out):
   q, k, v, fwd_entries, dkv_entries, mask, q_ids, kv_ids, out, lse = residuals
   qt, kt, vt = _to_kernel_layout(q, k, v, static)
-  lse = jnp.broadcast_to(lse[..., None], (*lse.shape, NUM_LANES))
   di = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1,
                keepdims=True)  # [B, T, N, 1]
-  di = jnp.broadcast_to(_rows_to_kernel(di, static), lse.shape)
+  di = _rows_to_kernel(di, static)[..., 0]
   d_out = _rows_to_kernel(d_out, static)
   dq = _backward_dq(qt, kt, vt, d_out, lse, di, fwd_entries, mask, q_ids,
                     kv_ids, static)
@@ -342,7 +341,8 @@ def _row_major_specs(static, head_dim, *, with_grads):
 
   q_spec = pl.BlockSpec((None, None, g, bq, head_dim), q_map)
   kv_spec = pl.BlockSpec((None, None, bkv, head_dim), kv_map)
-  row_spec = pl.BlockSpec((None, None, g, bq, NUM_LANES), q_map)
+  row_spec = pl.BlockSpec((None, None, g, bq),
+                          lambda *args: q_map(*args)[:4])
   specs = [q_spec, kv_spec, kv_spec]
   if with_grads:
     specs += [q_spec, row_spec, row_spec]  # d_out, lse, di
@@ -376,7 +376,8 @@ def _col_major_specs(static, head_dim):
 
   q_spec = pl.BlockSpec((None, None, g, bq, head_dim), q_map)
   kv_spec = pl.BlockSpec((None, None, bkv, head_dim), kv_map)
-  row_spec = pl.BlockSpec((None, None, g, bq, NUM_LANES), q_map)
+  row_spec = pl.BlockSpec((None, None, g, bq),
+                          lambda *args: q_map(*args)[:4])
   specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec]
   specs += _mask_specs(static, mask_map, q_ids_map,
                        lambda b, h, j, i, e: (b, 0, j))
@@ -410,7 +411,7 @@ def _vmem_limit(static, head_dim, itemsize, kernel) -> int:
   temporaries = {"fwd": 4, "dq": 5, "dkv": 6}[kernel]  # s, p, dp, ds, masks
   total = 2 * row_tiles * rows * head_dim * itemsize  # double-buffered
   total += 2 * 2 * bkv * head_dim * itemsize  # K, V
-  total += 2 * stat_tiles * rows * NUM_LANES * 4
+  total += 2 * stat_tiles * rows * NUM_LANES * 4  # blocks + widened copies
   total += 2 * max(static.mask_group, 1) * static.block_q * bkv  # int8 mask
   total += temporaries * rows * bkv * 4
   scratch = {"fwd": rows * (head_dim + 2 * NUM_LANES),
@@ -443,8 +444,8 @@ def _forward(q, k, v, entries, mask, q_ids, kv_ids, static):
   in_specs, q_spec, row_spec = _row_major_specs(static, head_dim,
                                                 with_grads=False)
   out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype),
-               jax.ShapeDtypeStruct((batch, num_kv_heads, group, padded_q_len,
-                                     NUM_LANES), jnp.float32)]
+               jax.ShapeDtypeStruct((batch, num_kv_heads, group, padded_q_len),
+                                    jnp.float32)]
   out, lse = pl.pallas_call(
       functools.partial(tiles.forward_kernel, static=static),
       grid_spec=pltpu.PrefetchScalarGridSpec(

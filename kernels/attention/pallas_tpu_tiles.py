@@ -84,6 +84,21 @@ def _lanes(x, width):
   return jnp.tile(x, (1, width // NUM_LANES))
 
 
+def _row_block(column, static):
+  """`(G * block_q, 128)` lane-replicated -> lane-major `(G, block_q)`."""
+  rows = [column[g * static.block_q:(g + 1) * static.block_q].T[:1]
+          for g in range(static.group)]
+  return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=0)
+
+
+def _column(row_ref, static):
+  """Lane-major `(G, block_q)` -> `(G * block_q, 128)` lane-replicated."""
+  columns = [jnp.broadcast_to(row_ref[g:g + 1, :],
+                              (NUM_LANES, static.block_q)).T
+             for g in range(static.group)]
+  return columns[0] if len(columns) == 1 else jnp.concatenate(columns, axis=0)
+
+
 def _visible(static, q_block, kv_block, mask_ref, q_ids_ref, kv_ids_ref):
   """Boolean `(1 or G, block_q, block_kv)` visibility of a PARTIAL tile."""
   shape = (static.block_q, static.block_kv)
@@ -207,7 +222,7 @@ def forward_kernel(entries_ref, q_ref, k_ref, v_ref, mask_ref, q_ids_ref,
     out = acc_ref[...] * _lanes(inv, head_dim)
     o_ref[...] = out.reshape(o_ref.shape).astype(o_ref.dtype)
     lse = jnp.where(seen, m_ref[...] + jnp.log(safe_l), jnp.inf)
-    lse_ref[...] = lse.reshape(lse_ref.shape)
+    lse_ref[...] = _row_block(lse, static)
 
 
 def dq_kernel(entries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
@@ -226,9 +241,8 @@ def dq_kernel(entries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
                if masked else None)
     _, ds = _probs_and_dlogits(
         static, q_ref[...].reshape(rows, head_dim), k, v,
-        do_ref[...].reshape(rows, head_dim),
-        lse_ref[...].reshape(rows, NUM_LANES),
-        di_ref[...].reshape(rows, NUM_LANES), visible)
+        do_ref[...].reshape(rows, head_dim), _column(lse_ref, static),
+        _column(di_ref, static), visible)
     acc_ref[...] += _dot(ds.astype(k.dtype), k)
 
   _run_by_kind(kind, step)
@@ -258,8 +272,8 @@ def dkv_kernel(entries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
     q = q_ref[...].reshape(rows, head_dim)
     d_out = do_ref[...].reshape(rows, head_dim)
     p, ds = _probs_and_dlogits(
-        static, q, k, v, d_out, lse_ref[...].reshape(rows, NUM_LANES),
-        di_ref[...].reshape(rows, NUM_LANES), visible)
+        static, q, k, v, d_out, _column(lse_ref, static),
+        _column(di_ref, static), visible)
     # Rows hold every head of the group: these sums reduce over heads too.
     dv_acc_ref[...] += _dot(p.T.astype(d_out.dtype), d_out)
     dk_acc_ref[...] += _dot(ds.T.astype(q.dtype), q)

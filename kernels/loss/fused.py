@@ -32,7 +32,8 @@ class Passes:
   """One implementation's per-shard passes, block sizes bound.
 
   `forward_stats(h [N,D], e [Vs,D], t [N]) -> (row_max, sum_exp,
-  target_logit)`, `backward_hidden(h, e, t, lse, scale) -> [N, D] f32`,
+  target_logit)`, `backward_hidden(h, e, t, lse, scale, out_dtype=) -> [N, D]`
+  (accumulated in float32, returned in `out_dtype`),
   `backward_embedding(h, e, t, lse, scale) -> [Vs, D] f32`; `t` holds
   targets shifted into the slice, each pass also takes `softcap=`.
   """
@@ -174,7 +175,12 @@ def _backward(hidden, embedding, targets, lse, scale, *, softcap, passes,
             lse.reshape(-1), scale.reshape(-1))
     out = []
     if want_hidden:
-      d_hidden = passes.backward_hidden(*args, softcap=softcap)
+      # Summed over vocab shards in float32; unsharded, the pass writes the
+      # hidden's dtype itself, so no float32 [N, D] reaches HBM (192 MiB at
+      # 32k tokens of E2B, compiled for v5e).
+      d_hidden = passes.backward_hidden(
+          *args, softcap=softcap,
+          out_dtype=jnp.float32 if vocab_axis is not None else hidden.dtype)
       if vocab_axis is not None:
         d_hidden = jax.lax.psum(d_hidden, vocab_axis)
       out.append(d_hidden.reshape(b, t, d).astype(hidden.dtype))

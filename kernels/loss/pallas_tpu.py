@@ -36,6 +36,7 @@ VMEM_LIMIT_BYTES = 64 * 1024 * 1024
 # bf16); the vocab block is the lane dim of the logit tile.
 TOKEN_MULTIPLE = 16
 VOCAB_MULTIPLE = 128
+NUM_LANES = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,9 @@ class BlockSizes:
   """Token and vocab block sizes of the three kernels.
 
   `block_tokens` must be a multiple of 16 and `block_vocab` of 128 (TPU
-  tiling); smaller inputs use one block rounded up to those multiples.
+  tiling); smaller inputs use one block rounded up to those multiples. On
+  TPU, more than one token block needs `block_tokens` a multiple of 128:
+  per-token values are lane-major `[1, N]` rows.
   """
   block_tokens: int = 1024
   block_vocab: int = 512
@@ -75,45 +78,55 @@ def forward_stats(hidden, embedding, targets, *, softcap, block_sizes,
                   interpret=False):
   """See `xla.forward_stats`: float32 `(row_max, sum_exp, target_logit)`."""
   n = hidden.shape[0]
-  h, e, t, tn, tv, vocab = _padded(hidden, embedding, targets, block_sizes)
+  h, e, t, tn, tv, vocab = _padded(hidden, embedding, targets, block_sizes,
+                                   interpret)
   num_tokens, dim = h.shape
   grid = (num_tokens // tn, e.shape[0] // tv)
-  column = pl.BlockSpec((tn, 1), lambda i, j: (i, 0))
-  stats = jax.ShapeDtypeStruct((num_tokens, 1), jnp.float32)
+  row = pl.BlockSpec((1, tn), lambda i, j: (0, i))
+  stats = jax.ShapeDtypeStruct((1, num_tokens), jnp.float32)
   out = pl.pallas_call(
       functools.partial(_forward_kernel, softcap=softcap, vocab=vocab,
                         block_vocab=tv),
-      grid=grid,
-      in_specs=[pl.BlockSpec((tn, dim), lambda i, j: (i, 0)),
-                pl.BlockSpec((tv, dim), lambda i, j: (j, 0)), column],
-      out_specs=[column] * 3,
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=0, grid=grid,
+          in_specs=[pl.BlockSpec((tn, dim), lambda i, j: (i, 0)),
+                    pl.BlockSpec((tv, dim), lambda i, j: (j, 0)), row],
+          out_specs=[row] * 3,
+          scratch_shapes=[pltpu.VMEM((tn, 1), jnp.float32)] * 3),
       out_shape=[stats] * 3,
       compiler_params=_compiler_params(),
       cost_estimate=_cost(h, e, passes_over_vocab=grid[0],
                           passes_over_tokens=1, matmuls=1),
       interpret=interpret,
   )(h, e, t)
-  return tuple(x[:n, 0] for x in out)
+  return tuple(x[0, :n] for x in out)
 
 
 def backward_hidden(hidden, embedding, targets, lse, scale, *, softcap,
-                    block_sizes, interpret=False):
-  """See `xla.backward_hidden`: float32 `[N, D]`."""
+                    block_sizes, interpret=False, out_dtype=jnp.float32):
+  """See `xla.backward_hidden`: `[N, D]` in `out_dtype`."""
   n = hidden.shape[0]
-  h, e, t, tn, tv, vocab = _padded(hidden, embedding, targets, block_sizes)
-  lse, scale = (_pad_column(x, h.shape[0]) for x in (lse, scale))
+  h, e, t, tn, tv, vocab = _padded(hidden, embedding, targets, block_sizes,
+                                   interpret)
+  lse, scale = (_pad_row(x, h.shape[0]) for x in (lse, scale))
   num_tokens, dim = h.shape
   grid = (num_tokens // tn, e.shape[0] // tv)
-  column = pl.BlockSpec((tn, 1), lambda i, j: (i, 0))
+  row = pl.BlockSpec((1, tn), lambda i, j: (0, i))
+  # A float32 output is its own accumulator; any other gets a float32 one
+  # in VMEM, written out once per token block.
+  scratch = ([] if jnp.dtype(out_dtype) == jnp.float32 else
+             [pltpu.VMEM((tn, dim), jnp.float32)])
   d_hidden = pl.pallas_call(
       functools.partial(_hidden_grad_kernel, softcap=softcap, vocab=vocab,
                         block_vocab=tv),
-      grid=grid,
-      in_specs=[pl.BlockSpec((tn, dim), lambda i, j: (i, 0)),
-                pl.BlockSpec((tv, dim), lambda i, j: (j, 0)),
-                column, column, column],
-      out_specs=pl.BlockSpec((tn, dim), lambda i, j: (i, 0)),
-      out_shape=jax.ShapeDtypeStruct((num_tokens, dim), jnp.float32),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=0, grid=grid,
+          in_specs=[pl.BlockSpec((tn, dim), lambda i, j: (i, 0)),
+                    pl.BlockSpec((tv, dim), lambda i, j: (j, 0)),
+                    row, row, row],
+          out_specs=pl.BlockSpec((tn, dim), lambda i, j: (i, 0)),
+          scratch_shapes=scratch),
+      out_shape=jax.ShapeDtypeStruct((num_tokens, dim), out_dtype),
       compiler_params=_compiler_params(),
       cost_estimate=_cost(h, e, passes_over_vocab=grid[0],
                           passes_over_tokens=1, matmuls=2),
@@ -125,18 +138,19 @@ def backward_hidden(hidden, embedding, targets, lse, scale, *, softcap,
 def backward_embedding(hidden, embedding, targets, lse, scale, *, softcap,
                        block_sizes, interpret=False):
   """See `xla.backward_embedding`: float32 `[Vs, D]`."""
-  h, e, t, tn, tv, vocab = _padded(hidden, embedding, targets, block_sizes)
-  lse, scale = (_pad_column(x, h.shape[0]) for x in (lse, scale))
+  h, e, t, tn, tv, vocab = _padded(hidden, embedding, targets, block_sizes,
+                                   interpret)
+  lse, scale = (_pad_row(x, h.shape[0]) for x in (lse, scale))
   num_tokens, dim = h.shape
   grid = (e.shape[0] // tv, num_tokens // tn)
-  column = pl.BlockSpec((tn, 1), lambda j, i: (i, 0))
+  row = pl.BlockSpec((1, tn), lambda j, i: (0, i))
   d_embedding = pl.pallas_call(
       functools.partial(_embedding_grad_kernel, softcap=softcap, vocab=vocab,
                         block_vocab=tv),
       grid=grid,
       in_specs=[pl.BlockSpec((tn, dim), lambda j, i: (i, 0)),
                 pl.BlockSpec((tv, dim), lambda j, i: (j, 0)),
-                column, column, column],
+                row, row, row],
       out_specs=pl.BlockSpec((tv, dim), lambda j, i: (j, 0)),
       out_shape=jax.ShapeDtypeStruct((e.shape[0], dim), jnp.float32),
       compiler_params=_compiler_params(),
@@ -147,8 +161,9 @@ def backward_embedding(hidden, embedding, targets, lse, scale, *, softcap,
   return d_embedding[:vocab]
 
 
-def _forward_kernel(h_ref, e_ref, t_ref, max_ref, sum_ref, picked_ref, *,
-                    softcap, vocab, block_vocab):
+def _forward_kernel(h_ref, e_ref, t_ref, max_out, sum_out, picked_out,
+                    max_ref, sum_ref, picked_ref, *, softcap, vocab,
+                    block_vocab):
   j = pl.program_id(1)
 
   @pl.when(j == 0)
@@ -163,23 +178,36 @@ def _forward_kernel(h_ref, e_ref, t_ref, max_ref, sum_ref, picked_ref, *,
   new_max = jnp.maximum(row_max, jnp.max(logits, axis=1, keepdims=True))
   sum_ref[...] = (sum_ref[...] * jnp.exp(row_max - new_max) +
                   jnp.sum(jnp.exp(logits - new_max), axis=1, keepdims=True))
-  picked_ref[...] += jnp.sum(jnp.where(cols == t_ref[...], logits, 0.0),
-                             axis=1, keepdims=True)
+  picked_ref[...] += jnp.sum(
+      jnp.where(cols == _column(t_ref[...]), logits, 0.0), axis=1,
+      keepdims=True)
   max_ref[...] = new_max
 
+  @pl.when(j == pl.num_programs(1) - 1)
+  def finish():
+    for out, ref in ((max_out, max_ref), (sum_out, sum_ref),
+                     (picked_out, picked_ref)):
+      out[...] = _row(ref[...])
 
-def _hidden_grad_kernel(h_ref, e_ref, t_ref, lse_ref, scale_ref, dh_ref, *,
-                        softcap, vocab, block_vocab):
+
+def _hidden_grad_kernel(h_ref, e_ref, t_ref, lse_ref, scale_ref, dh_ref,
+                        *acc_ref, softcap, vocab, block_vocab):
   j = pl.program_id(1)
+  acc_ref = acc_ref[0] if acc_ref else dh_ref
 
   @pl.when(j == 0)
   def init():
-    dh_ref[...] = jnp.zeros(dh_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
   e = e_ref[...]
   dz = _dz(h_ref[...], e, j, block_vocab, t_ref, lse_ref, scale_ref, softcap,
            vocab)
-  dh_ref[...] += common.matmul(dz.astype(e.dtype), e)
+  acc_ref[...] += common.matmul(dz.astype(e.dtype), e)
+
+  if acc_ref is not dh_ref:
+    @pl.when(j == pl.num_programs(1) - 1)
+    def finish():
+      dh_ref[...] = acc_ref[...].astype(dh_ref.dtype)
 
 
 def _embedding_grad_kernel(h_ref, e_ref, t_ref, lse_ref, scale_ref, de_ref,
@@ -206,11 +234,25 @@ def _tile(h, e, j, block_vocab, softcap, vocab):
 
 def _dz(h, e, j, block_vocab, t_ref, lse_ref, scale_ref, softcap, vocab):
   logits, tanh, cols = _tile(h, e, j, block_vocab, softcap, vocab)
-  return common.logit_grad(logits, tanh, cols == t_ref[...], lse_ref[...],
-                           scale_ref[...], softcap)
+  return common.logit_grad(logits, tanh, cols == _column(t_ref[...]),
+                           _column(lse_ref[...]), _column(scale_ref[...]),
+                           softcap)
 
 
-def _padded(hidden, embedding, targets, block_sizes):
+# Per-token values travel as lane-major [1, N] rows: a [N, 1] column would
+# be padded to 128 lanes in HBM (512 B a token: 16 MiB each at 32k tokens).
+
+def _column(row):
+  """A `(1, tn)` row as a `(tn, 1)` column."""
+  return jnp.broadcast_to(row, (NUM_LANES, row.shape[1])).T[:, :1]
+
+
+def _row(column):
+  """A `(tn, 1)` column as a `(1, tn)` row."""
+  return jnp.broadcast_to(column, (column.shape[0], NUM_LANES)).T[:1]
+
+
+def _padded(hidden, embedding, targets, block_sizes, interpret):
   """Pads tokens and vocab to whole blocks (zeros; targets -1).
 
   The vocab is only copied when it is not a multiple of the block (Gemma 4's
@@ -219,16 +261,20 @@ def _padded(hidden, embedding, targets, block_sizes):
   n, vocab = hidden.shape[0], embedding.shape[0]
   tn = min(block_sizes.block_tokens, _round_up(n, TOKEN_MULTIPLE))
   tv = min(block_sizes.block_vocab, _round_up(vocab, VOCAB_MULTIPLE))
+  if not interpret and tn < n and tn % NUM_LANES:
+    raise ValueError(f"block_tokens must be a multiple of {NUM_LANES} on TPU "
+                     f"when the {n} tokens need more than one block (per-"
+                     f"token rows are lane-major), got {tn}")
   h = jnp.pad(hidden, ((0, -n % tn), (0, 0)))
   e = embedding
   if vocab % tv:
     e = jnp.pad(embedding, ((0, -vocab % tv), (0, 0)))
-  t = jnp.pad(targets, (0, -n % tn), constant_values=-1)[:, None]
+  t = _pad_row(jnp.pad(targets, (0, -n % tn), constant_values=-1), h.shape[0])
   return h, e, t, tn, tv, vocab
 
 
-def _pad_column(x, size):
-  return jnp.pad(x, (0, size - x.shape[0]))[:, None]
+def _pad_row(x, size):
+  return jnp.pad(x, (0, size - x.shape[0]))[None, :]
 
 
 def _round_up(x, multiple):

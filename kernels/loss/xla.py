@@ -91,8 +91,9 @@ def forward_stats(hidden, embedding, targets, *, softcap, block_sizes):
 
 
 def backward_hidden(hidden, embedding, targets, lse, scale, *, softcap,
-                    block_sizes):
-  """`sum_v dz[:, v] E[v]` over this vocab slice, float32 `[N, D]`.
+                    block_sizes, out_dtype=jnp.float32):
+  """`sum_v dz[:, v] E[v]` over this vocab slice, `[N, D]` in `out_dtype`
+  (accumulated in float32).
 
   `dz = scale * (softmax - onehot) * (1 - tanh^2)`, with `lse` the full
   logsumexp `[N]` and `scale` the loss cotangent times the weight `[N]`.
@@ -111,7 +112,7 @@ def backward_hidden(hidden, embedding, targets, lse, scale, *, softcap,
     acc, _ = jax.lax.scan(vocab_chunk,
                           jnp.zeros((tn, hidden.shape[1]), jnp.float32),
                           jnp.arange(e.count))
-    return acc
+    return acc.astype(out_dtype)
 
   dh = jax.lax.map(token_chunk, (h, t, lse, scale))
   return dh.reshape(-1, hidden.shape[1])[:hidden.shape[0]]

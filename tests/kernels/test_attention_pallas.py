@@ -186,18 +186,20 @@ def test_nan_past_the_keys_does_not_leak():
 
 def test_tpu_interpret_mode_matches_reference():
   """Under TPU interpret mode (simulated VMEM and DMAs, NaN-filled scratch):
-  ragged tiles, a key mask, a window, softcap, GQA."""
-  case = dict(q_len=70, num_heads=4, num_kv_heads=2, seed=4)
+  ragged tiles, a key mask, a window, softcap, GQA; two query blocks of
+  128 (lane-major logsumexp blocks need a multiple of 128 on TPU)."""
+  case = dict(q_len=200, num_heads=4, num_kv_heads=2, seed=4)
   rng = np.random.default_rng(4)
   q, k, v = (jnp.asarray(rng.normal(size=shape), jnp.float32)
-             for shape in [(1, 70, 4, 128), (1, 200, 2, 128),
-                           (1, 200, 2, 128)])
-  key_mask = jnp.asarray(np.arange(200)[None, None] >= 60)
+             for shape in [(1, 200, 4, 128), (1, 300, 2, 128),
+                           (1, 300, 2, 128)])
+  key_mask = jnp.asarray(np.arange(300)[None, None] >= 60)
   kwargs = dict(mask=key_mask, sliding_window=100, softcap=20.0)
 
   def kernel(q, k, v, **kwargs):
-    return pallas_tpu.attention(q, k, v, block_sizes=SMALL_BLOCKS[0],
-                                **kwargs)
+    return pallas_tpu.attention(
+        q, k, v, block_sizes=pallas_tpu.BlockSizes(block_q=128,
+                                                   block_kv=128), **kwargs)
   with pltpu.force_tpu_interpret_mode():
     out, grads = value_and_grads(kernel, case, q, k, v, **kwargs)
   ref_out, ref_grads = value_and_grads(reference.attention, case, q, k, v,

@@ -7,7 +7,9 @@ backward must stay at most those of the stock formulation (Tunix's: full
 `[B, N, T, S]` logits and probabilities) and of our XLA version compiled the
 same way, the latter with a stated slack (see `_KERNEL_LAYOUT_SLACK`).
 Shapes are Gemma 4's as the Tunix patch calls the op: bf16, scale 1.0,
-causal=False with causality and padding in a `[B, T, S]` mask.
+causal with a `[B, 1, 1, S]` key mask (the `mask` patch's compact causal
+mask); `test_dense_mask_*` passes the `[B, T, S]` mask the patch builds
+without it.
 """
 
 import jax
@@ -36,13 +38,16 @@ CONFIGS = [
 ]
 
 
-def _step(implementation, window):
-  """Forward + backward of the attention the Tunix patch runs."""
+def _step(implementation, window, *, dense=False):
+  """Forward + backward of the attention the Tunix patch runs: causal with
+  a key mask, or (`dense`) Tunix's `[B, T, S]` causal padding mask."""
   def loss(q, k, v, valid):
-    t = q.shape[1]
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    mask = causal[None] & valid[:, None, :] & valid[:, :, None]
-    out = ops.attention(q, k, v, mask=mask, causal=False,
+    if dense:
+      t = q.shape[1]
+      mask = jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]
+    else:
+      mask = valid[:, None, None, :]
+    out = ops.attention(q, k, v, mask=mask, causal=not dense,
                         sliding_window=window, scale=1.0,
                         implementation=implementation)
     return jnp.sum(out.astype(jnp.float32))
@@ -60,7 +65,7 @@ def _stock_step(window):
     mask = pos[None, :] <= pos[:, None]
     if window is not None:
       mask &= pos[None, :] > pos[:, None] - window
-    mask = mask[None] & valid[:, None, :] & valid[:, :, None]
+    mask = mask[None] & valid[:, None, :]  # Tunix masks keys, not queries
     logits = jnp.where(mask[:, None, None], logits, -2.3819763e38)
     probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
@@ -82,14 +87,13 @@ def _kernel_layout_slack(batch, q_len, num_heads, head_dim, mesh):
   """Bytes the kernels' layouts may add over the XLA version, per chip.
 
   The kernels read q (and d_out) as `[B, K, G, T, H]`, which XLA copies from
-  Tunix's `[B, T, N, H]`, and keep per-row statistics (logsumexp,
-  `rowsum(dO * O)`) as 128-lane float32 tiles, where the XLA version works
-  on `[B, T, N, H]` directly and keeps one lane: one copy of q and one
-  `[B, N, T, 128]` float32 array.
+  Tunix's `[B, T, N, H]`, where the XLA version works on `[B, T, N, H]`
+  directly: one copy of q, plus the lane-major float32 per-row statistics
+  (logsumexp, `rowsum(dO * O)`), whose G axis is padded to 8 sublanes.
   """
   shards = 1 if mesh is None else mesh.shape["fsdp"] * mesh.shape["tp"]
   rows = batch * q_len * num_heads
-  return (rows * head_dim * 2 + rows * 128 * 4) // shards
+  return (rows * head_dim * 2 + 2 * 8 * rows * 4) // shards
 
 
 @pytest.mark.parametrize("name, on_mesh, batch, q_len, num_heads, "
@@ -111,6 +115,22 @@ def test_default_compiles_with_kernels_and_no_more_hbm(
   assert used <= testing.temp_bytes(stock), (used / MiB,
                                              testing.temp_bytes(stock) / MiB)
   slack = _kernel_layout_slack(batch, q_len, num_heads, head_dim, mesh)
+  assert used <= testing.temp_bytes(xla) + slack, (
+      used / MiB, testing.temp_bytes(xla) / MiB, slack / MiB)
+
+
+def test_dense_mask_compiles_with_kernels_and_no_more_hbm():
+  # Without the mask patch (or for masks it does not recognize) the Tunix
+  # patch passes a [B, T, S] mask; the kernels read it as int8 tiles, a
+  # copy the size of the boolean mask that XLA reads in place.
+  batch, q_len, num_heads, head_dim, window = 1, 4096, 8, 256, 512
+  args = _inputs(batch, q_len, num_heads, 1, head_dim, None)
+  pallas = testing.compile_for_tpu(_step(None, window, dense=True), *args)
+  assert testing.mosaic_kernels(pallas) == 3
+  xla = testing.compile_for_tpu(_step("xla", window, dense=True), *args)
+  used = testing.temp_bytes(pallas)
+  slack = (_kernel_layout_slack(batch, q_len, num_heads, head_dim, None)
+           + batch * q_len * q_len)
   assert used <= testing.temp_bytes(xla) + slack, (
       used / MiB, testing.temp_bytes(xla) / MiB, slack / MiB)
 
