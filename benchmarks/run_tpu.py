@@ -210,7 +210,7 @@ def memory(seq_lens, *, on_device: bool, ops_=OPS) -> list[dict]:
                "seq_len": seq_len, "batch": batch, "tokens": tokens,
                "useful_flops": flops}
         try:
-          compiled = jax.jit(fn).lower(*args).compile()
+          compiled = testing.compile_optimized(jax.jit(fn).lower(*args))
         except jax.errors.JaxRuntimeError as e:
           # XLA:TPU refuses a program over the chip's HBM, naming what its
           # temporaries need: a lower bound of the stock figure.
@@ -398,7 +398,7 @@ def timing(seq_lens, iters: int) -> list[dict]:
       for impl, fn in fns.items():
         jitted = jax.jit(fn)
         try:
-          compiled = jitted.lower(*args).compile()
+          compiled = testing.compile_optimized(jitted.lower(*args))
           seconds = tpu_attention.time_it(compiled, args, iters)
         except jax.errors.JaxRuntimeError as e:  # stock may not fit in HBM
           rows.append({"op": op, "case": case, "implementation": impl,
@@ -430,7 +430,7 @@ def step(seq_len: int, batch: int, iters: int) -> list[dict]:
   abstract = fit_model.AbstractStep(config, mesh)
   rows = []
   for mode in fit.MODES:
-    compiled = abstract.lower(mode, seq_len).compile()
+    compiled = testing.compile_optimized(abstract.lower(mode, seq_len))
     frozen, trainable, inputs = (
         _materialize(tree, seed)
         for seed, tree in enumerate(abstract.arguments(seq_len)))

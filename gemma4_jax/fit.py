@@ -449,7 +449,8 @@ def _mesh(topology: str, testing) -> jax.sharding.Mesh:
 def _compile_catching(lowered):
   """(compiled, None) or (None, error text) when XLA refuses the program."""
   try:
-    return lowered.compile(), None
+    from gemma4_jax import testing  # pylint: disable=g-import-not-at-top
+    return testing.compile_optimized(lowered), None
   except Exception as error:  # pylint: disable=broad-except
     return None, _describe(error)
 

@@ -294,9 +294,25 @@ def compile_for_tpu(fn, *args, mesh=None, **jit_kwargs):
   """
   jitted = jax.jit(fn, **jit_kwargs)
   if mesh is None:
-    return jitted.lower(*args).compile()
+    return compile_optimized(jitted.lower(*args))
   with jax.set_mesh(mesh):
-    return jitted.lower(*args).compile()
+    return compile_optimized(jitted.lower(*args))
+
+
+def compile_optimized(lowered):
+  """`lowered.compile()` with XLA's full optimization, whatever
+  `JAX_DISABLE_MOST_OPTIMIZATIONS` says.
+
+  The test suite sets that variable to compile its CPU programs faster; a
+  program compiled for TPU to read its memory must be the one users get.
+  """
+  flag = "jax_disable_most_optimizations"
+  before = getattr(jax.config, flag)
+  jax.config.update(flag, False)
+  try:
+    return lowered.compile()
+  finally:
+    jax.config.update(flag, before)
 
 
 def mosaic_kernels(compiled) -> int:

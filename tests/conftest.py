@@ -7,6 +7,11 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU's backend optimizations (LLVM) cost more than they save on the
+# suite's small programs: a third of the CPU time of a Tunix model test.
+# The math is the same; programs compiled for TPU to read their memory keep
+# full optimization (`testing.compile_optimized`). Subprocesses inherit it.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import pytest  # pylint: disable=g-import-not-at-top
 from hypothesis import HealthCheck, settings  # pylint: disable=g-import-not-at-top
