@@ -307,7 +307,7 @@ def compile_optimized(lowered):
   program compiled for TPU to read its memory must be the one users get.
   """
   flag = "jax_disable_most_optimizations"
-  before = getattr(jax.config, flag)
+  before = jax.config.read(flag)
   jax.config.update(flag, False)
   try:
     return lowered.compile()

@@ -7,14 +7,10 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# XLA:CPU's backend optimizations (LLVM) cost more than they save on the
-# suite's small programs: a third of the CPU time of a Tunix model test.
-# The math is the same; programs compiled for TPU to read their memory keep
-# full optimization (`testing.compile_optimized`). Subprocesses inherit it.
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
-import pytest  # pylint: disable=g-import-not-at-top
 from hypothesis import HealthCheck, settings  # pylint: disable=g-import-not-at-top
+import jax  # pylint: disable=g-import-not-at-top
+import pytest  # pylint: disable=g-import-not-at-top
 
 _COMMON = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow,
@@ -57,3 +53,17 @@ def pytest_collection_modifyitems(config, items):
     return next((i for i, prefix in enumerate(_LONG_FIRST)
                  if item.nodeid.startswith(prefix)), len(_LONG_FIRST))
   items.sort(key=rank)
+
+
+# XLA:CPU's backend (LLVM) optimizations cost more than they save on the
+# small programs of the model-level tests (marked `slow`: real Tunix models,
+# compared with stock under the same compiler, bounded by a float64 run): a
+# third of their CPU time. Kernel and reference tests, whose tolerances are
+# tight, compile as users do. Set before any fixture of the test is built;
+# subprocesses (the CLI and Tunix main runs) inherit the variable. Programs
+# compiled for TPU to read their memory always keep full optimization
+# (`testing.compile_optimized`).
+def pytest_runtest_setup(item):
+  fast = item.get_closest_marker("slow") is not None
+  jax.config.update("jax_disable_most_optimizations", fast)
+  os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1" if fast else "0"
