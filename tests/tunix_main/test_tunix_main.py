@@ -79,6 +79,22 @@ PATCH_TEST_RUNS = {
 }
 
 
+# Not rerun on Tunix main: tests whose code path does not depend on Tunix's
+# layout, which the in-suite run on google-tunix 0.1.7 covers. qwix's LoRA
+# routing and option handling, the v1 trainer's loss curves (the layout
+# checks are the same-step gradient tests above them; Tunix main's v2 trainer
+# runs), remat policies beyond `full` and `attention` (the policies differ
+# only in what JAX saves, not in the model code), a decode variant and the
+# stock failure the attention patch fixes.
+SAME_ON_BOTH_LAYOUTS = (
+    "test_peft_trainer_loss_curve", "test_report_names_what_stays_on_qwix",
+    "test_dropout_stays_on_qwix", "test_peft_trainer_runs_patched",
+    "test_policy_matches_no_remat and (minimal or offload)",
+    "test_decode_rank2_mask_on_an_unpadded_batch",
+    "test_unpatched_tunix_breaks_on_rank4_mask_patched_works",
+    "test_lora_can_be_applied_while_patched")
+
+
 def test_every_patch_test_file_is_run_on_tunix_main():
   files = {p.name for p in (REPO / "tests" / "patches").glob("test_*.py")}
   listed = {name for run in PATCH_TEST_RUNS.values() for name in run}
@@ -93,7 +109,9 @@ def test_every_patch_test_file_is_run_on_tunix_main():
 
 @pytest.mark.parametrize("run", sorted(PATCH_TEST_RUNS))
 def test_patch_tests_pass_on_tunix_main(run):
-  _pytest(*(str(REPO / "tests" / "patches" / name)
+  skip = " or ".join(f"({name})" for name in SAME_ON_BOTH_LAYOUTS)
+  _pytest("-k", f"not ({skip})",
+          *(str(REPO / "tests" / "patches" / name)
             for name in PATCH_TEST_RUNS[run]))
 
 
