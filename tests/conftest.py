@@ -15,7 +15,8 @@ import pytest  # pylint: disable=g-import-not-at-top
 _COMMON = dict(deadline=None, print_blob=True,
                suppress_health_check=[HealthCheck.too_slow,
                                       HealthCheck.data_too_large])
-# `ci` keeps the whole suite under 20 minutes on 2 cores.
+# `ci` is what `make test` runs (8 examples a property keeps the suite's
+# interpret-mode kernel tests to a few CPU-minutes).
 settings.register_profile("ci", max_examples=8, derandomize=True, **_COMMON)
 settings.register_profile("dev", max_examples=40, **_COMMON)
 settings.register_profile("thorough", max_examples=400, **_COMMON)
