@@ -1,7 +1,8 @@
-"""The LoRA matmul in plain XLA: the default off TPU.
+"""The LoRA matmul in plain XLA: the default on every platform (`ops.TPU_DEFAULT`).
 
 The same math as the Pallas kernel: float32 accumulation, the rank-r
-product `x @ A` kept in float32 (not rounded to x's dtype), `W` frozen (`stop_gradient`: no `dW`), an int8 `W` dequantized per output
+product `x @ A` kept in float32 (not rounded to x's dtype), `W` frozen
+(`stop_gradient`: no `dW`), an int8 `W` dequantized per output
 channel, and many adapters run as one stacked adapter with a per-row column
 mask (`common.stack_adapters`). XLA tiles the dots itself, so no explicit
 blocking is needed; autodiff gives `dx`, `dA`, `dB`.
@@ -31,9 +32,9 @@ def frozen_matmul(x, w, *, w_scale=None):
   A bf16 product is rounded to bf16 before the float32 add of the LoRA term
   (the kernel adds before rounding): XLA:TPU then fuses the add and the
   cast into the matmul. Kept in float32, the product is a float32 `[M, N]`
-  temporary of twice y's size: compiled for v5e, fwd + bwd at 32768 x 1536
-  -> 6144 tokens, 1152 MiB of temporaries against 384 MiB for qwix's path
-  and 385 MiB this way.
+  temporary of twice y's size: compiled for v5e, fwd + bwd of 1536 -> 6144
+  at 32768 tokens needed 1152 MiB of temporaries, against 384 MiB for
+  qwix's path and 385 MiB this way.
   """
   w = jax.lax.stop_gradient(w)
   if w_scale is not None:
