@@ -1,4 +1,4 @@
-"""The LoRA matmul in plain XLA: the default on every platform (`ops.TPU_DEFAULT`).
+"""The LoRA matmul in plain XLA: the default everywhere (`ops.TPU_DEFAULT`).
 
 The same math as the Pallas kernel: float32 accumulation, the rank-r
 product `x @ A` kept in float32 (not rounded to x's dtype), `W` frozen
