@@ -70,28 +70,10 @@ STOCK, XLA, DEFAULT = "stock", "xla", "default"
 PARTS = ("checks", "model", "memory", "timing")
 
 
-# Stock formulations: what Tunix 0.1.7 / qwix compute without the patches.
-# Attention takes Tunix's inputs: q, k, v and the `[B, T]` padding mask it
-# turns into a `[B, T, T]` causal padding mask (as tests/kernels/
-# test_attention_tpu_compile.py compiles it).
-def stock_attention(window):
-  """Tunix 0.1.7's attention math: whole f32 logits, mask, softmax."""
-  def attention(q, k, v, valid):
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32)
-    pos = jnp.arange(t)
-    mask = pos[None, :] <= pos[:, None]
-    if window is not None:
-      mask &= pos[None, :] > pos[:, None] - window
-    mask = mask[None] & valid[:, None, :]  # Tunix masks keys, not queries
-    logits = jnp.where(mask[:, None, None], logits, -2.3819763e38)
-    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
-  return attention
-
-
+# Each op takes Tunix's inputs (attention: q, k, v and the `[B, T]` padding
+# mask) and runs three ways: stock (what Tunix 0.1.7 / qwix compute without
+# the patches; attention's is `testing.stock_attention`, as tests/kernels/
+# test_attention_tpu_compile.py compiles it), our XLA version, the default.
 def ops_attention(window, implementation):
   """`ops.attention` as the Tunix patch calls it (with the `mask` patch:
   causal, and a `[B, 1, 1, S]` key mask)."""
@@ -151,7 +133,7 @@ def op_cases(seq_len: int):
     cases.append((
         "attention", f"{layer} (H={head_dim}"
         f"{f', W={window}' if window else ''})", 1, seq_len, shapes, {
-            STOCK: _attention_grad(stock_attention(window)),
+            STOCK: _attention_grad(testing.stock_attention(window)),
             XLA: _attention_grad(ops_attention(window, XLA)),
             DEFAULT: _attention_grad(ops_attention(window, None))},
         tpu_attention.useful_flops(seq_len, head_dim, window,

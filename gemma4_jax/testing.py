@@ -315,6 +315,29 @@ def compile_optimized(lowered):
     jax.config.update(flag, before)
 
 
+def stock_attention(window=None):
+  """Tunix 0.1.7's attention math, as the TPU memory comparisons' stock
+  path: whole float32 logits `[B, K, G, T, S]`, Tunix's causal (and
+  sliding-window) mask with padding on the keys, softmax.
+
+  Returns `attention(q [B,T,N,H], k, v [B,S,K,H], valid [B,S]) -> [B,T,N,H]`.
+  """
+  def attention(q, k, v, valid):
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
+    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32)
+    pos = jnp.arange(t)
+    mask = pos[None, :] <= pos[:, None]
+    if window is not None:
+      mask &= pos[None, :] > pos[:, None] - window
+    mask = mask[None] & valid[:, None, :]  # Tunix masks keys, not queries
+    logits = jnp.where(mask[:, None, None], logits, -2.3819763e38)
+    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
+  return attention
+
+
 def mosaic_kernels(compiled) -> int:
   """How many Mosaic (Pallas TPU) kernels a compiled TPU program calls."""
   return compiled.as_text().count('custom_call_target="tpu_custom_call"')

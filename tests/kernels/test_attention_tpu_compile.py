@@ -56,20 +56,9 @@ def _step(implementation, window, *, dense=False):
 
 def _stock_step(window):
   """Tunix 0.1.7's attention: the whole logits tensor, softmax, masked."""
+  attention = testing.stock_attention(window)
   def loss(q, k, v, valid):
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    qg = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    logits = jnp.einsum("btkgh,bskh->bkgts", qg, k).astype(jnp.float32)
-    pos = jnp.arange(t)
-    mask = pos[None, :] <= pos[:, None]
-    if window is not None:
-      mask &= pos[None, :] > pos[:, None] - window
-    mask = mask[None] & valid[:, None, :]  # Tunix masks keys, not queries
-    logits = jnp.where(mask[:, None, None], logits, -2.3819763e38)
-    probs = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return jnp.sum(out.astype(jnp.float32))
+    return jnp.sum(attention(q, k, v, valid).astype(jnp.float32))
   return jax.grad(loss, argnums=(0, 1, 2))
 
 
