@@ -18,11 +18,11 @@ demo: venv
 	$(BIN)/gemma4-jax demo
 
 # Two pytest-xdist workers use both cores (one pytest process keeps ~1.25
-# busy); tests/conftest.py groups the work units and orders them longest
-# first, which --no-loadscope-reorder keeps.
+# busy); tests/conftest.py makes the work units (loadscope's scopes) and
+# orders them longest first, which --no-loadscope-reorder keeps.
 test: venv
 	$(PIP) -e ".[test,hf]"
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n 2 --dist loadscope --no-loadscope-reorder
 
 bench: venv
 	$(PIP) -e ".[test,hf]"

@@ -23,11 +23,13 @@ settings.register_profile("thorough", max_examples=400, **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-# Work units for `make test`'s two pytest-xdist workers (`--dist loadgroup`):
-# a test file is one unit, so its module-scoped models are built once;
-# tests/export is one, for its session-scoped tiny training run, and so is
-# tests/bad_input, for its session-scoped files; each Tunix main run (a
-# subprocess of minutes) is a unit of its own.
+# Work units for `make test`'s two pytest-xdist workers (`--dist loadscope`,
+# with the scopes below): a test file is one unit, so its module-scoped
+# models are built once; tests/export is one, for its session-scoped tiny
+# training run, and so is tests/bad_input, for its session-scoped files; each
+# Tunix main run (a subprocess of minutes) is a unit of its own. (xdist's
+# `loadgroup` cannot do this under pytest 9: the group it appends to a
+# test's node id is lost, and every test becomes a unit of its own.)
 _TUNIX_MAIN = "tests/tunix_main/"
 _ONE_UNIT = ("tests/export/", "tests/bad_input/")
 # Handed out first: the Tunix main runs, then the longest TPU compiles (a
@@ -36,24 +38,39 @@ _LONG_FIRST = (_TUNIX_MAIN, "tests/test_fit.py",
                "tests/kernels/test_attention_tpu_compile.py")
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def _work_unit(nodeid: str) -> str:
+  path = nodeid.split("::")[0]
+  if path.startswith(_TUNIX_MAIN):
+    return nodeid
+  return next((d for d in _ONE_UNIT if path.startswith(d)), path)
+
+
 def pytest_collection_modifyitems(config, items):
-  """Groups tests into xdist work units and hands out the longest first.
+  """Hands out the longest work units first.
 
   The Tunix main runs and the longest TPU compiles go first so that the
   short tests fill in around them instead of one of them ending the run
-  alone on one worker.
+  alone on one worker (`--no-loadscope-reorder` keeps this order).
   """
   del config
-  for item in items:
-    path = item.nodeid.split("::")[0]
-    if not path.startswith(_TUNIX_MAIN):
-      group = next((d for d in _ONE_UNIT if path.startswith(d)), path)
-      item.add_marker(pytest.mark.xdist_group(group))
   def rank(item):
     return next((i for i, prefix in enumerate(_LONG_FIRST)
                  if item.nodeid.startswith(prefix)), len(_LONG_FIRST))
   items.sort(key=rank)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+  """`--dist loadscope` with this suite's work units as its scopes."""
+  if config.getvalue("dist") != "loadscope":
+    return None
+  from xdist.scheduler import LoadScopeScheduling  # pylint: disable=g-import-not-at-top
+
+  class WorkUnits(LoadScopeScheduling):
+    def _split_scope(self, nodeid: str) -> str:
+      return _work_unit(nodeid)
+
+  return WorkUnits(config, log)
 
 
 # XLA:CPU's backend (LLVM) optimizations cost more than they save on the

@@ -115,15 +115,25 @@ def test_patch_tests_pass_on_tunix_main(run):
             for name in PATCH_TEST_RUNS[run]))
 
 
+# Tunix model tests not run: two whose models are too large for the plugin's
+# float64 comparison (so they only show that the patched model runs), each
+# a larger copy of a test that does run: the 441M-parameter single-image
+# vision pass (the vision batch test is compared) and the heterogeneous audio
+# pass (the plain audio pass runs). Together about a minute of CPU.
+NOT_RUN_MODEL_TESTS = ("test_forward_pass_vision and not batch and not "
+                       "bidirectional", "test_forward_pass_audio_heterogeneous")
+
+
 def test_tunix_gemma4_model_tests_pass_patched():
-  output = _pytest("-p", "patched_tunix",
+  skip = " or ".join(f"({name})" for name in NOT_RUN_MODEL_TESTS)
+  output = _pytest("-p", "patched_tunix", "-k", f"not ({skip})",
                    str(TUNIX_MAIN / "tests" / "models" / "gemma4" /
                        "model_test.py"))
   assert "gemma4_jax: patched: attention, ple, lora, loss" in output
   compared = int(re.search(r"gemma4_jax: (\d+) eager Gemma 4 outputs",
                            output).group(1))
   # Dense, MoE, the vision batch and bidirectional passes, the LoRA model's
-  # eager call, the while-loop test's (audio, vision and 12B: see summary).
+  # eager call, the while-loop test's (audio and 12B: see summary).
   assert compared >= 5
 
 
