@@ -91,7 +91,8 @@ def test_fit_reports_both_modes(report):
     assert result["hbm_bytes"] == 16 * 1024**3
     assert (result["model"], result["topology"], result["batch"],
             result["seq_len"], result["num_layers"]) == (
-                "e2b", "v5e:2x2", 4, 1024, 2)
+                SMALL.model, SMALL.topology, SMALL.batch, SMALL.seq_len,
+                SMALL.num_layers)
     assert result["total_bytes"] == (
         result["argument_bytes"] + result["temp_bytes"]
         + result["output_bytes"] - result["alias_bytes"]
@@ -115,10 +116,10 @@ def test_argument_bytes_match_shapes_and_shardings(report):
 @needs_libtpu
 def test_patched_needs_fewer_temporaries(report):
   stock, patched = report.results["stock"], report.results["patched"]
-  # Stock holds the float32 [B, T, 262144] logits (per chip: 2 x 1024 x
+  # Stock holds the float32 [B, T, 262144] logits (per chip: B / 2 x T x
   # 65536 after fsdp and tp), their log-softmax and gradient; the patched
   # loss never builds them.
-  logits_per_chip = 2 * 1024 * (262144 // 4) * 4
+  logits_per_chip = SMALL.batch // 2 * SMALL.seq_len * (262144 // 4) * 4
   assert stock.temp_bytes - patched.temp_bytes > logits_per_chip
   assert patched.pallas_kernels > 0
 
@@ -148,8 +149,9 @@ def test_default_kernels_need_no_more_hbm_than_xla_versions(report,
 @needs_libtpu
 def test_cli_json_reads_the_cache(report, cache_dir, monkeypatch, capsys):
   monkeypatch.setenv("GEMMA4_JAX_CACHE", str(cache_dir))
-  code = cli.main(["fit", "--num-layers", "2", "--batch", "4", "--seq-len",
-                   "1024", "--json"])
+  code = cli.main(["fit", "--num-layers", str(SMALL.num_layers), "--batch",
+                   str(SMALL.batch), "--seq-len", str(SMALL.seq_len),
+                   "--json"])
   captured = capsys.readouterr()
   assert code == 0, captured.err
   out = json.loads(captured.out)

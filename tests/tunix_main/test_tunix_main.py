@@ -58,6 +58,11 @@ def _pytest(*args, cwd=REPO) -> str:
   return output
 
 
+def _not_any(expressions) -> str:
+  """A `-k` expression deselecting tests that match any of `expressions`."""
+  return "not (" + " or ".join(f"({e})" for e in expressions) + ")"
+
+
 def test_tunix_main_is_what_the_subprocess_imports():
   code = ("import tunix, gemma4_jax.patches as p, "
           "tunix.models.gemma4.attention as a; print(tunix.__file__); "
@@ -109,8 +114,7 @@ def test_every_patch_test_file_is_run_on_tunix_main():
 
 @pytest.mark.parametrize("run", sorted(PATCH_TEST_RUNS))
 def test_patch_tests_pass_on_tunix_main(run):
-  skip = " or ".join(f"({name})" for name in SAME_ON_BOTH_LAYOUTS)
-  _pytest("-k", f"not ({skip})",
+  _pytest("-k", _not_any(SAME_ON_BOTH_LAYOUTS),
           *(str(REPO / "tests" / "patches" / name)
             for name in PATCH_TEST_RUNS[run]))
 
@@ -125,8 +129,7 @@ NOT_RUN_MODEL_TESTS = ("test_forward_pass_vision and not batch and not "
 
 
 def test_tunix_gemma4_model_tests_pass_patched():
-  skip = " or ".join(f"({name})" for name in NOT_RUN_MODEL_TESTS)
-  output = _pytest("-p", "patched_tunix", "-k", f"not ({skip})",
+  output = _pytest("-p", "patched_tunix", "-k", _not_any(NOT_RUN_MODEL_TESTS),
                    str(TUNIX_MAIN / "tests" / "models" / "gemma4" /
                        "model_test.py"))
   assert "gemma4_jax: patched: attention, ple, lora, loss" in output
