@@ -188,53 +188,57 @@ def run(options: Options) -> dict:
   from gemma4_jax.export import merging  # pylint: disable=g-import-not-at-top
 
   started = time.perf_counter()
-  mesh = mesh_lib.default_mesh()
-  if mesh is not None and options.batch_size % mesh.shape["fsdp"]:
-    raise ValueError(f"batch_size: {options.batch_size} rows do not split "
-                     f"over fsdp={mesh.shape['fsdp']} devices")
-  tokenizer = perplexity.load_tokenizer(options.base)
-  pad_id = chat.pad_id(tokenizer)
-  train, dropped = encode(read_pairs(options.train), tokenizer,
-                          options.seq_len)
-  if not train:
-    raise ValueError(f"{options.train}: no example fits --seq-len "
-                     f"{options.seq_len}")
-  eval_records = read_pairs(options.eval) if options.eval else []
-  _say(f"data: {len(train)} training examples ({dropped} longer than "
-       f"{options.seq_len} tokens dropped), {len(eval_records)} eval")
-
-  _say(f"load {options.base} ({options.dtype}) on "
-       f"{'one device' if mesh is None else dict(mesh.shape)}")
-  model = perplexity.load_model(options.base, dtype=options.dtype, mesh=mesh)
+  # Before the first JAX computation: on TPU, apply() sets a libtpu option
+  # that is read when the backend starts (`patches.tpu_compiler`).
   report = patches.apply() if options.patch else None
-  if report is not None:
-    _say(str(report))
-  model = add_lora(model, rank=options.lora_rank, alpha=options.lora_alpha,
-                   mesh=mesh)
+  try:
+    mesh = mesh_lib.default_mesh()
+    if mesh is not None and options.batch_size % mesh.shape["fsdp"]:
+      raise ValueError(f"batch_size: {options.batch_size} rows do not split "
+                       f"over fsdp={mesh.shape['fsdp']} devices")
+    tokenizer = perplexity.load_tokenizer(options.base)
+    pad_id = chat.pad_id(tokenizer)
+    train, dropped = encode(read_pairs(options.train), tokenizer,
+                            options.seq_len)
+    if not train:
+      raise ValueError(f"{options.train}: no example fits --seq-len "
+                       f"{options.seq_len}")
+    eval_records = read_pairs(options.eval) if options.eval else []
+    _say(f"data: {len(train)} training examples ({dropped} longer than "
+         f"{options.seq_len} tokens dropped), {len(eval_records)} eval")
 
-  checkpoints = os.path.join(options.out, "checkpoints")
-  trainer = make_trainer(model, options, pad_id=pad_id, mesh=mesh,
-                         checkpoint_dir=checkpoints)
-  train_batches = batches(train, batch_size=options.batch_size,
-                          seq_len=options.seq_len, pad_id=pad_id,
-                          steps=options.steps, seed=options.seed)
-  eval_examples, _ = encode(eval_records, tokenizer, options.seq_len)
-  eval_batches = (batches(eval_examples, batch_size=options.batch_size,
-                          seq_len=options.seq_len, pad_id=pad_id,
-                          steps=-(-len(eval_examples) // options.batch_size))
-                  if eval_examples else None)
-  _say(f"train: {options.steps} PeftTrainer steps of {options.batch_size} x "
-       f"{options.seq_len} tokens, LoRA rank {options.lora_rank} alpha "
-       f"{options.lora_alpha}, checkpoints in {checkpoints}")
-  # Only the legacy `with mesh:`: under `jax.set_mesh` Tunix 0.1.7's
-  # `_shard_optimizer` fails on the optimizer's unsharded step counter.
-  with mesh if mesh is not None else contextlib.nullcontext():
-    trainer.train(train_batches, eval_batches)
-  losses = [float(x) for x in np.asarray(
-      trainer.metrics_logger.get_metric_history("", "loss", "train"))]
-  trainer.close()
-  if report is not None:
-    patches.revert()
+    _say(f"load {options.base} ({options.dtype}) on "
+         f"{'one device' if mesh is None else dict(mesh.shape)}")
+    model = perplexity.load_model(options.base, dtype=options.dtype, mesh=mesh)
+    if report is not None:
+      _say(str(report))
+    model = add_lora(model, rank=options.lora_rank, alpha=options.lora_alpha,
+                     mesh=mesh)
+
+    checkpoints = os.path.join(options.out, "checkpoints")
+    trainer = make_trainer(model, options, pad_id=pad_id, mesh=mesh,
+                           checkpoint_dir=checkpoints)
+    train_batches = batches(train, batch_size=options.batch_size,
+                            seq_len=options.seq_len, pad_id=pad_id,
+                            steps=options.steps, seed=options.seed)
+    eval_examples, _ = encode(eval_records, tokenizer, options.seq_len)
+    eval_batches = (batches(eval_examples, batch_size=options.batch_size,
+                            seq_len=options.seq_len, pad_id=pad_id,
+                            steps=-(-len(eval_examples) // options.batch_size))
+                    if eval_examples else None)
+    _say(f"train: {options.steps} PeftTrainer steps of {options.batch_size} x "
+         f"{options.seq_len} tokens, LoRA rank {options.lora_rank} alpha "
+         f"{options.lora_alpha}, checkpoints in {checkpoints}")
+    # Only the legacy `with mesh:`: under `jax.set_mesh` Tunix 0.1.7's
+    # `_shard_optimizer` fails on the optimizer's unsharded step counter.
+    with mesh if mesh is not None else contextlib.nullcontext():
+      trainer.train(train_batches, eval_batches)
+    losses = [float(x) for x in np.asarray(
+        trainer.metrics_logger.get_metric_history("", "loss", "train"))]
+    trainer.close()
+  finally:
+    if report is not None:
+      patches.revert()
   _say(f"train loss: {losses[0]:.4f} (step 1) -> {losses[-1]:.4f} "
        f"(step {len(losses)})")
 

@@ -17,7 +17,11 @@ XLA's buffer assignment, stock Tunix against `gemma4_jax.patches`:
   batch sharded over 'fsdp';
 - Tunix's `shard()` drops its activation constraints when `jax.devices()[0]`
   is a CPU; while `fit` traces, `tunix.models.gemma4.model.shard` is the same
-  function without that test, so activations are constrained as on a TPU.
+  function without that test, so activations are constrained as on a TPU;
+- the patched step is compiled with `xla_tpu_enable_deduplicated_calls`,
+  which `patches.apply()` adds to `LIBTPU_INIT_ARGS` (identical layers
+  compiled once; `patches.tpu_compiler`), the stock step with XLA's
+  defaults, as each runs in a user's process.
 
 A step that exceeds HBM fails XLA:TPU's compile with RESOURCE_EXHAUSTED,
 and is reported as not fitting with the size XLA names: "Used x of 15.75G
@@ -324,7 +328,8 @@ class Session:
                             sizes, 0.0)
       self.say(f"{mode}: {_verdict(result)}")
       return result
-    key = _cache_key(lowered, self.config.topology)
+    options = _compiler_options(mode)
+    key = _cache_key(lowered, self.config.topology, options)
     cached = self._cache_read(key)
     if cached is not None:
       self.say(f"{mode}: result from the cache ({cached['compile_seconds']:.0f}"
@@ -337,7 +342,7 @@ class Session:
     with _heartbeat(lambda: self.say(
         f"  still compiling {mode} "
         f"({_clock(time.perf_counter() - start)} of ~{_clock(estimate)})")):
-      compiled, error = _compile_catching(lowered)
+      compiled, error = _compile_catching(lowered, options)
     seconds = time.perf_counter() - start
     result = self._result(mode, compiled, error, sizes, seconds)
     self.say(f"{mode}: {_verdict(result)} (compiled in {_clock(seconds)})")
@@ -446,11 +451,21 @@ def _mesh(topology: str, testing) -> jax.sharding.Mesh:
   return testing.tpu_mesh(topology)
 
 
-def _compile_catching(lowered):
+def _compiler_options(mode: str) -> dict:
+  """XLA options of the mode's step as a user's process compiles it: the
+  patched step with what `patches.apply()` adds to `LIBTPU_INIT_ARGS`
+  (identical layers compiled once, `patches.tpu_compiler`), stock without."""
+  if mode == "stock":
+    return {}
+  from gemma4_jax.patches import tpu_compiler  # pylint: disable=g-import-not-at-top
+  return tpu_compiler.compiler_options()
+
+
+def _compile_catching(lowered, options: dict):
   """(compiled, None) or (None, error text) when XLA refuses the program."""
   try:
     from gemma4_jax import testing  # pylint: disable=g-import-not-at-top
-    return testing.compile_optimized(lowered), None
+    return testing.compile_optimized(lowered, options), None
   except Exception as error:  # pylint: disable=broad-except
     return None, _describe(error)
 
@@ -479,10 +494,11 @@ def _parse_oom(error: str) -> tuple[int | None, int | None, bool]:
   return None, None, False
 
 
-def _cache_key(lowered, topology: str) -> str:
+def _cache_key(lowered, topology: str, options: dict) -> str:
   digest = hashlib.sha256()
   for part in (topology, jax.__version__, _libtpu_version(),
-               lowered.as_text()):
+               os.environ.get("LIBTPU_INIT_ARGS", ""),
+               json.dumps(options, sort_keys=True), lowered.as_text()):
     digest.update(part.encode())
     digest.update(b"\0")
   return digest.hexdigest()[:32]

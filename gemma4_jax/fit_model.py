@@ -182,8 +182,10 @@ class AbstractStep:
       if mode == "patched":
         from gemma4_jax import patches  # pylint: disable=g-import-not-at-top
         policy = self.config.remat
+        # `fit` gives the compile the flag `apply()` would set
+        # (`fit._compiler_options`): libtpu has long read its environment.
         stack.enter_context(patches.applied(
-            implementation=self.config.implementation,
+            implementation=self.config.implementation, share_layer_code=False,
             remat=policy if policy in patches.tunix_remat.POLICIES else None))
       stack.enter_context(_in_mesh(self.mesh))
       return step.lower(self._frozen, self._trainable, self.inputs(seq_len))

@@ -299,9 +299,9 @@ def compile_for_tpu(fn, *args, mesh=None, **jit_kwargs):
     return compile_optimized(jitted.lower(*args))
 
 
-def compile_optimized(lowered):
-  """`lowered.compile()` with XLA's full optimization, whatever
-  `JAX_DISABLE_MOST_OPTIMIZATIONS` says.
+def compile_optimized(lowered, compiler_options: dict | None = None):
+  """`lowered.compile(compiler_options)` with XLA's full optimization,
+  whatever `JAX_DISABLE_MOST_OPTIMIZATIONS` says.
 
   The test suite sets that variable to compile its CPU programs faster; a
   program compiled for TPU to read its memory must be the one users get.
@@ -310,7 +310,7 @@ def compile_optimized(lowered):
   before = jax.config.read(flag)
   jax.config.update(flag, False)
   try:
-    return lowered.compile()
+    return lowered.compile(compiler_options)
   finally:
     jax.config.update(flag, before)
 

@@ -15,7 +15,10 @@ One flag per feature. `attention` patches Tunix Gemma 4 `Attention.block`
 interceptor (see `qwix_lora`), `loss` Tunix's default SFT loss (see
 `tunix_loss`; in Tunix main also its `peft_trainer_v2`'s), `mask` Tunix's causal padding mask (see `tunix_mask`) and
 `remat` each decoder layer's remat policy (see `tunix_remat`; off unless a
-policy is named).
+policy is named). `share_layer_code` adds XLA:TPU's
+`--xla_tpu_enable_deduplicated_calls=true` to `LIBTPU_INIT_ARGS`, without
+which the step with the Pallas kernels keeps one copy of code per layer (see
+`tpu_compiler`; call `apply()` before the first JAX computation).
 
 `apply()` is idempotent, checks every target before touching any (installed
 version against the tested ones, presence and signature of each attribute it
@@ -42,6 +45,7 @@ from gemma4_jax.patches import tunix_ple
 from gemma4_jax.patches import tunix_loss
 from gemma4_jax.patches import tunix_mask
 from gemma4_jax.patches import tunix_remat
+from gemma4_jax.patches import tpu_compiler
 from gemma4_jax.patches._framework import PatchReport
 from gemma4_jax.patches._framework import Status
 from gemma4_jax.patches._framework import TargetChangedError
@@ -73,8 +77,8 @@ PLE_HOST = "host"  # apply(ple="host"): the PLE table stays in host memory
 
 def apply(*, attention: bool = True, ple: bool | str = True, lora: bool = True,
           loss: bool = True, mask: bool = True, remat: str | None = None,
-          implementation: str | None = None,
-          interpret: bool = False) -> PatchReport:
+          implementation: str | None = None, interpret: bool = False,
+          share_layer_code: bool = True) -> PatchReport:
   """Patches the enabled features; the patched set becomes exactly these.
 
   Args:
@@ -102,6 +106,11 @@ def apply(*, attention: bool = True, ple: bool | str = True, lora: bool = True,
       "reference" or "pallas_tpu".
     interpret: run Pallas kernels in interpret mode, so that
       `implementation="pallas_tpu"` runs on CPU (for tests; slow).
+    share_layer_code: add `--xla_tpu_enable_deduplicated_calls=true` to
+      `LIBTPU_INIT_ARGS` (unless it names the flag already), so that XLA:TPU
+      compiles identical decoder layers once (`tpu_compiler`); takes effect
+      only if the TPU backend has not started yet (else a `UserWarning`).
+      False puts back the value from before.
 
   Returns:
     A `PatchReport` (one entry per flag, versions, implementation).
@@ -120,7 +129,8 @@ def apply(*, attention: bool = True, ple: bool | str = True, lora: bool = True,
     tunix_remat.policy(remat)  # raises naming the policies
   flags = {"attention": attention, "ple": ple, "lora": lora, "loss": loss,
            "mask": mask}
-  for name, value in {**flags, "interpret": interpret}.items():
+  for name, value in {**flags, "interpret": interpret,
+                      "share_layer_code": share_layer_code}.items():
     if not isinstance(value, bool):
       raise TypeError(f"{name} must be a bool, got {value!r}")
   flags["remat"] = remat is not None
@@ -157,19 +167,27 @@ def apply(*, attention: bool = True, ple: bool | str = True, lora: bool = True,
               f"{'; ' + target.note if target.note else ''}",
               runs=_runs(target, options), stock=target.stock))
     _framework.install(tuple(plan), options)
+    if share_layer_code:
+      compiler = tpu_compiler.request()
+    else:
+      tpu_compiler.restore()
+      compiler = "share_layer_code=False"
   return PatchReport(
       targets=tuple(reports), implementation=implementation,
       resolved_implementation=resolved,
       tunix_version=_framework.installed_version("google-tunix"),
-      qwix_version=_framework.installed_version("qwix"), interpret=interpret)
+      qwix_version=_framework.installed_version("qwix"), interpret=interpret,
+      tpu_compiler=compiler)
 
 
 def revert() -> tuple[str, ...]:
-  """Restores every original (the very objects); returns the target names.
+  """Restores every original (the very objects) and `LIBTPU_INIT_ARGS`;
+  returns the target names.
 
   Harmless when nothing is patched.
   """
   with _framework.LOCK:
+    tpu_compiler.restore()
     return _framework.restore_all()
 
 
@@ -177,22 +195,24 @@ def revert() -> tuple[str, ...]:
 def applied(*, attention: bool = True, ple: bool | str = True,
             lora: bool = True, loss: bool = True, mask: bool = True,
             remat: str | None = None, implementation: str | None = None,
-            interpret: bool = False):
+            interpret: bool = False, share_layer_code: bool = True):
   """`apply(...)` for the duration of a `with` block; yields the report.
 
   On exit, normal or by exception, the patches in place before the block are
-  put back (none: everything is reverted).
+  put back (none: everything is reverted), and `LIBTPU_INIT_ARGS` as it was.
   """
   with _framework.LOCK:
     before = _framework.active()
+    compiler_before = tpu_compiler.snapshot()
   report = apply(attention=attention, ple=ple, lora=lora, loss=loss,
                  mask=mask, remat=remat, implementation=implementation,
-                 interpret=interpret)
+                 interpret=interpret, share_layer_code=share_layer_code)
   try:
     yield report
   finally:
     with _framework.LOCK:
       _framework.reinstate(before)
+      tpu_compiler.reinstate(compiler_before)
 
 
 def status() -> Status:

@@ -143,6 +143,8 @@ class PatchReport:
     resolved_implementation: what `gemma4_jax.ops.attention` runs with for
       that choice, e.g. "pallas_tpu on TPU, xla elsewhere" for None.
     tunix_version, qwix_version: installed versions (None if not installed).
+    tpu_compiler: what `share_layer_code` did to `LIBTPU_INIT_ARGS`
+      (`tpu_compiler.request`).
   """
   targets: tuple[TargetReport, ...]
   implementation: str | None
@@ -150,6 +152,7 @@ class PatchReport:
   tunix_version: str | None
   qwix_version: str | None
   interpret: bool = False
+  tpu_compiler: str = ""
 
   @property
   def patched(self) -> tuple[str, ...]:
@@ -167,6 +170,8 @@ class PatchReport:
       lines.extend(f"  {'':<10} runs  {run}" for run in t.runs)
       if t.stock:
         lines.append(f"  {'':<10} stock {t.stock}")
+    if self.tpu_compiler:
+      lines.append(f"  {'xla:tpu':<10} {self.tpu_compiler}")
     return "\n".join(lines)
 
 

@@ -33,6 +33,8 @@ def _unpatched():
     (dict(ple=None), ValueError, "ple must be True, False or 'host'"),
     (dict(ple=1), ValueError, "ple must be True, False or 'host'"),
     (dict(interpret="yes"), TypeError, "interpret must be a bool"),
+    (dict(share_layer_code=None), TypeError,
+     "share_layer_code must be a bool"),
     (dict(implementation="bogus"), ValueError,
      "unknown implementation 'bogus'"),
     (dict(implementation="Pallas"), ValueError, "unknown implementation"),
@@ -40,9 +42,11 @@ def _unpatched():
     (dict(implementation=("xla",)), TypeError, "implementation must be a str"),
 ], ids=lambda v: repr(v) if isinstance(v, dict) else None)
 def test_apply(kwargs, error, match):
+  libtpu_args = os.environ.get(patches.tpu_compiler.ENV)
   with pytest.raises(error, match=match):
     patches.apply(**kwargs)
   assert _nothing_patched()
+  assert os.environ.get(patches.tpu_compiler.ENV) == libtpu_args
 
 
 def test_apply_leaves_earlier_patches_alone():
