@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 
 import jax
@@ -11,6 +12,7 @@ from gemma4_jax import implementations
 from gemma4_jax import ops
 from gemma4_jax import patches
 from gemma4_jax import testing
+from gemma4_jax.patches import tpu_compiler
 
 PACKAGES = ("gemma4-jax", "jax", "jaxlib", "flax", "google-tunix", "qwix",
             "orbax-checkpoint", "safetensors", "transformers", "peft", "torch")
@@ -40,6 +42,12 @@ def main() -> int:
   missing = testing.libtpu_missing()
   print("\ncompiling for TPU from this machine (gemma4-jax fit, the TPU "
         "tests): " + ("available (libtpu)" if missing is None else missing))
+  args = os.environ.get(tpu_compiler.ENV)
+  print(f"\n{tpu_compiler.ENV}: {args or '(unset)'}; " + (
+      f"names {tpu_compiler.FLAG}, so apply() leaves it"
+      if tpu_compiler.user_set() else
+      f"patches.apply() adds --{tpu_compiler.FLAG}=true (identical layers "
+      "compiled once; see gemma4_jax.patches.tpu_compiler)"))
   print("\npatches:")
   print(patches.status())
   return 0

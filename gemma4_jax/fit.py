@@ -628,6 +628,13 @@ def format_report(report: Report) -> str:
   if any(r.fits for r in results.values()):
     lines.append("\nfits: XLA:TPU compiled the step within its HBM limit "
                  "(below the chip's HBM: 15.75 GiB of a v5e's 16).")
+  if "patched" in results:
+    options = _compiler_options("patched")
+    lines.append(
+        "patched: compiled with " + (", ".join(
+            f"{name}={value}" for name, value in options.items())
+            + ", as patches.apply() sets it (identical layers compiled once)"
+            if options else "the LIBTPU_INIT_ARGS of this process") + ".")
   return "\n".join(lines)
 
 

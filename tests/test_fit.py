@@ -163,6 +163,19 @@ def test_cli_json_reads_the_cache(report, cache_dir, monkeypatch, capsys):
 
 
 @needs_libtpu
+def test_cli_table_says_how_the_patched_step_was_compiled(
+    report, cache_dir, monkeypatch, capsys):
+  monkeypatch.setenv("GEMMA4_JAX_CACHE", str(cache_dir))
+  code = cli.main(["fit", "--num-layers", str(SMALL.num_layers), "--batch",
+                   str(SMALL.batch), "--seq-len", str(SMALL.seq_len)])
+  out = capsys.readouterr().out
+  assert code == 0
+  assert "generated code" in out and "fits: XLA:TPU compiled" in out
+  assert ("patched: compiled with xla_tpu_enable_deduplicated_calls=True, "
+          "as patches.apply() sets it") in out
+
+
+@needs_libtpu
 def test_out_of_memory_is_reported_not_raised(tmp_path, monkeypatch, capsys):
   monkeypatch.setenv("GEMMA4_JAX_CACHE", str(tmp_path))
   code = cli.main(["fit", "--num-layers", "2", "--batch", "2", "--seq-len",
