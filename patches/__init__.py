@@ -40,12 +40,12 @@ from gemma4_jax import implementations
 from gemma4_jax import ops
 from gemma4_jax.patches import _framework
 from gemma4_jax.patches import qwix_lora
+from gemma4_jax.patches import tpu_compiler
 from gemma4_jax.patches import tunix_attention
 from gemma4_jax.patches import tunix_ple
 from gemma4_jax.patches import tunix_loss
 from gemma4_jax.patches import tunix_mask
 from gemma4_jax.patches import tunix_remat
-from gemma4_jax.patches import tpu_compiler
 from gemma4_jax.patches._framework import PatchReport
 from gemma4_jax.patches._framework import Status
 from gemma4_jax.patches._framework import TargetChangedError
