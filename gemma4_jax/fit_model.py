@@ -182,8 +182,9 @@ class AbstractStep:
       if mode == "patched":
         from gemma4_jax import patches  # pylint: disable=g-import-not-at-top
         policy = self.config.remat
-        # `fit` gives the compile the flag `apply()` would set
-        # (`fit._compiler_options`): libtpu has long read its environment.
+        # libtpu read `LIBTPU_INIT_ARGS` when the topology was made, so
+        # `fit` passes the option `apply()` sets to the compile itself
+        # (`fit._compiler_options`) instead of changing the variable here.
         stack.enter_context(patches.applied(
             implementation=self.config.implementation, share_layer_code=False,
             remat=policy if policy in patches.tunix_remat.POLICIES else None))

@@ -31,7 +31,8 @@ FLAG = "xla_tpu_enable_deduplicated_calls"
 ENV = "LIBTPU_INIT_ARGS"
 _ARG = f"--{FLAG}=true"
 _ADDED = f"{ENV} += {_ARG} (identical layers compiled once)"
-# What `LIBTPU_INIT_ARGS` was before `request()` changed it; None: unchanged.
+# Empty while `request()` has not changed `LIBTPU_INIT_ARGS`; else holds its
+# value from before (None: it was unset).
 _before: list[str | None] = []
 
 
