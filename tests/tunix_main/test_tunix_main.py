@@ -107,8 +107,11 @@ def test_every_patch_test_file_is_run_on_tunix_main():
   # installed modules; test_attention_sharded calls 0.1.7's loss function
   # directly (Tunix main's returns a LossOutput). The attention patch under
   # the mesh runs on Tunix main in test_patch_attention.py.
+  # test_patch_tpu_compiler is about `LIBTPU_INIT_ARGS`, the same whatever
+  # Tunix's layout.
   assert files - listed == {"test_patch_framework.py",
-                            "test_attention_sharded.py"}
+                            "test_attention_sharded.py",
+                            "test_patch_tpu_compiler.py"}
   assert listed <= files
 
 
