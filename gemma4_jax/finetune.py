@@ -188,10 +188,10 @@ def run(options: Options) -> dict:
   from gemma4_jax.export import merging  # pylint: disable=g-import-not-at-top
 
   started = time.perf_counter()
-  # Before the first JAX computation: on TPU, apply() sets a libtpu option
-  # that is read when the backend starts (`patches.tpu_compiler`).
-  report = patches.apply() if options.patch else None
-  try:
+  # Patched before the first JAX computation: on TPU, apply() sets a libtpu
+  # option that is read when the backend starts (`patches.tpu_compiler`).
+  with (patches.applied() if options.patch
+        else contextlib.nullcontext()) as report:
     mesh = mesh_lib.default_mesh()
     if mesh is not None and options.batch_size % mesh.shape["fsdp"]:
       raise ValueError(f"batch_size: {options.batch_size} rows do not split "
@@ -236,9 +236,6 @@ def run(options: Options) -> dict:
     losses = [float(x) for x in np.asarray(
         trainer.metrics_logger.get_metric_history("", "loss", "train"))]
     trainer.close()
-  finally:
-    if report is not None:
-      patches.revert()
   _say(f"train loss: {losses[0]:.4f} (step 1) -> {losses[-1]:.4f} "
        f"(step {len(losses)})")
 
