@@ -16,6 +16,7 @@ import pytest
 
 from gemma4_jax import chat
 from gemma4_jax import finetune
+from gemma4_jax import patches
 from gemma4_jax import tiny_models
 from gemma4_jax import tiny_tokenizer
 from gemma4_jax.export import hf_writer
@@ -61,6 +62,9 @@ def test_finetune_script_end_to_end(tmp_path, capsys):
   summary = json.loads(out.strip().splitlines()[-1])
   assert "32 training examples (1 longer than 16 tokens dropped)" in out
   assert "patched" in out  # the patch report
+  # Training ran patched; the merge, perplexity and generation after it and
+  # the caller get Tunix back as it was.
+  assert not any(row.patched for row in patches.status().targets)
   # A Tunix checkpoint of the last step, merged into a loadable checkpoint.
   assert os.path.isdir(tmp_path / "run" / "checkpoints" / "12")
   merged = tmp_path / "run" / "merged"
