@@ -35,7 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import gemma4_jax.patches as patches
 from gemma4_jax import testing
-from gemma4_jax.kernels.ple.host import HostTable
+from gemma4_jax.host_table import HostTable
 from gemma4_jax.patches import tunix_ple
 import ple_workload
 

@@ -33,7 +33,7 @@ import numpy as np
 from flax import nnx
 
 from gemma4_jax import ops
-from gemma4_jax.kernels.ple.host import HostTable
+from gemma4_jax.host_table import HostTable
 from gemma4_jax.patches import _framework
 
 FEATURE = "ple"

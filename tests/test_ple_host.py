@@ -13,7 +13,7 @@ import pytest
 from gemma4_jax import ops
 from gemma4_jax import testing
 from gemma4_jax.export import safetensors_io
-from gemma4_jax.kernels.ple.host import HostTable
+from gemma4_jax.host_table import HostTable
 from gemma4_jax.reference import ple as ple_reference
 
 VOCAB, LAYERS, DIM, EMBED = 13, 3, 8, 16

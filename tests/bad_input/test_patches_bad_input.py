@@ -9,7 +9,7 @@ import pytest
 
 from gemma4_jax import implementations
 from gemma4_jax import patches
-from gemma4_jax.kernels.ple.host import HostTable
+from gemma4_jax.host_table import HostTable
 from gemma4_jax.patches import tunix_ple
 
 

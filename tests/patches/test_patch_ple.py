@@ -20,7 +20,7 @@ from tunix.sft import peft_trainer
 import gemma4_jax.patches as patches
 from gemma4_jax import testing
 from gemma4_jax import tiny_models
-from gemma4_jax.kernels.ple.host import HostTable
+from gemma4_jax.host_table import HostTable
 from gemma4_jax.patches import tunix_ple
 
 # The PLE patch alone (the others are tested in their own files).
