@@ -114,12 +114,17 @@ def lora_matmul(x, w, a, b, *, scale, adapter_ids=None, w_scale=None,
   return out.reshape(*lead, n)
 
 
+def kernel_takes(dtype) -> bool:
+  """Whether the Pallas kernel takes `x` of `dtype` (float32, bfloat16)."""
+  return jnp.dtype(dtype) in lora_common.KERNEL_DTYPES
+
+
 def _lora_implementation(op, implementation, dtype, interpret):
   """`resolve`'s answer for a LoRA op on `dtype`: the kernel takes float32
   and bfloat16 only, so other dtypes run the XLA version by default."""
   name = implementations.resolve(op, implementation, IMPLEMENTATIONS,
                                  interpret=interpret)
-  if dtype in lora_common.KERNEL_DTYPES:
+  if kernel_takes(dtype):
     return name
   if name == implementations.PALLAS_TPU:
     raise TypeError(f"{op}: the Pallas kernel takes float32 or bfloat16 x, "
