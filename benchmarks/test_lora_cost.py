@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from gemma4_jax.kernels.lora import common
-from gemma4_jax.kernels.lora import kernel
+from gemma4_jax.kernels import _tpu
+from gemma4_jax.kernels.lora import pallas_tpu
 from lora_shapes import RANKS, SHAPES, TOKENS
 
 BF16 = 2
 
 
 def tiles(m, n):
-  blocks = kernel.BlockSizes.get_default()
-  return min(m, blocks.tm), kernel.pick_tile((n,), blocks.tn)
+  blocks = pallas_tpu.BlockSizes.get_default()
+  return min(m, blocks.tm), pallas_tpu.pick_tile((n,), blocks.tn)
 
 
 def base_bytes(m, k, n) -> int:
@@ -49,8 +49,8 @@ def unfused_bytes(m, k, n, r, *, fused_add: bool) -> int:
 
 def fused_cost(m, k, n, r):
   tm, tn = tiles(m, n)
-  return kernel.cost_estimate(
-      m=m, kc=k, no=n, r_pad=common.round_up(r, common.NUM_LANES), tm=tm,
+  return pallas_tpu.cost_estimate(
+      m=m, kc=k, no=n, r_pad=_tpu.round_up(r, _tpu.NUM_LANES), tm=tm,
       tn=tn, x_dtype=jnp.bfloat16, w_dtype=jnp.bfloat16,
       lora_dtype=jnp.bfloat16, save_down=False)
 

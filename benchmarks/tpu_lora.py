@@ -30,7 +30,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lora_shapes import RANKS, SHAPES, TOKENS  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from gemma4_jax.kernels.lora import pallas as lora_pallas  # pylint: disable=g-import-not-at-top,wrong-import-position
+from gemma4_jax.kernels.lora import pallas_tpu as lora_pallas  # pylint: disable=g-import-not-at-top,wrong-import-position
 from gemma4_jax import testing  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 V5E_BF16_FLOPS = 197e12

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma4_jax import testing
-from gemma4_jax.kernels.loss import fused as loss_fused
+from gemma4_jax.kernels.loss import vjp as loss_vjp
 from gemma4_jax.kernels.loss import pallas_tpu
 
 SOFTCAP = 30.0
@@ -49,7 +49,7 @@ def stock_loss(hidden, embedding, targets, mask):
 
 
 def fused_loss(hidden, embedding, targets, mask, *, block_sizes):
-  loss_sum, weight_sum = loss_fused.loss_sums(
+  loss_sum, weight_sum = loss_vjp.loss_sums(
       hidden, embedding, targets, mask.astype(jnp.float32), softcap=SOFTCAP,
       passes=pallas_tpu.passes(block_sizes))
   return loss_sum / (weight_sum + 1e-8)

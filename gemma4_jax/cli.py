@@ -8,12 +8,24 @@ import traceback
 
 
 def build_parser() -> argparse.ArgumentParser:
+  """The parser of every command, each with its `func`."""
   parser = argparse.ArgumentParser(
       prog="gemma4-jax",
       description="Kernels, Tunix patches and LoRA export for Gemma 4 in JAX.")
   commands = parser.add_subparsers(dest="command", required=True,
                                    metavar="COMMAND")
+  _add_demo(commands)
+  from gemma4_jax.export import commands as export_commands  # pylint: disable=g-import-not-at-top
+  export_commands.register(commands)
+  _add_perplexity(commands)
+  from gemma4_jax import generate as generate_command  # pylint: disable=g-import-not-at-top
+  generate_command.register(commands)
+  _add_fit(commands)
+  _add_doctor(commands)
+  return parser
 
+
+def _add_demo(commands) -> None:
   demo = commands.add_parser(
       "demo", help="the fine-tuning journey on a small Gemma 4: stock vs "
       "patched LoRA training, merge, perplexity, generation",
@@ -32,9 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rows per batch (default 4)")
   demo.set_defaults(func=_run_demo)
 
-  from gemma4_jax.export import commands as export_commands  # pylint: disable=g-import-not-at-top
-  export_commands.register(commands)
 
+def _add_perplexity(commands) -> None:
   perplexity = commands.add_parser(
       "perplexity", help="token-level NLL/perplexity of a checkpoint on JSONL",
       formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -51,19 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
       "Lines are tokenized with the checkpoint's own tokenizer.json. The "
       "[T, V] logits\nare never held: the LM head runs fused into the loss "
       "and --top-k streams vocab\nchunks.")
-  perplexity.add_argument("checkpoint",
-                          help="Hugging Face Gemma 4 checkpoint directory "
-                          "(safetensors, config.json, tokenizer.json)")
+  add_checkpoint_args(perplexity, adapter_help=(
+      "LoRA adapter (Tunix checkpoint or PEFT directory): also report the "
+      "adapted model, merged into the base as `gemma4-jax merge` does"))
   perplexity.add_argument("--data", required=True,
                           help="JSONL: one {\"text\": ...} or {\"prompt\": "
                           "..., \"completion\": ...} object per line")
-  perplexity.add_argument("--adapter",
-                          help="LoRA adapter (Tunix checkpoint or PEFT "
-                          "directory): also report the adapted model, "
-                          "merged into the base as `gemma4-jax merge` does")
-  perplexity.add_argument("--alpha", type=float,
-                          help="LoRA alpha, for a Tunix checkpoint that does "
-                          "not record it")
   perplexity.add_argument("--top-k", type=int, metavar="K",
                           help="also print the K most likely next tokens and "
                           "their probabilities (under the softcap) at every "
@@ -88,9 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
                           help="no progress bar")
   perplexity.set_defaults(func=_run_perplexity)
 
-  from gemma4_jax import generate as generate_command  # pylint: disable=g-import-not-at-top
-  generate_command.register(commands)
 
+def add_checkpoint_args(parser, *, adapter_help: str) -> None:
+  """The checkpoint and its optional adapter, as `perplexity` and `generate`
+  take them."""
+  parser.add_argument("checkpoint",
+                      help="Hugging Face Gemma 4 checkpoint directory "
+                      "(safetensors, config.json, tokenizer.json)")
+  parser.add_argument("--adapter", help=adapter_help)
+  parser.add_argument("--alpha", type=float,
+                      help="LoRA alpha, for a Tunix checkpoint that does not "
+                      "record it")
+
+
+def _add_fit(commands) -> None:
   fit = commands.add_parser(
       "fit", help="does a Gemma 4 LoRA fine-tune fit on a TPU? (per-chip HBM, "
       "stock vs patched)",
@@ -142,10 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "($GEMMA4_JAX_CACHE or ~/.cache/gemma4-jax)")
   fit.set_defaults(func=_run_fit)
 
+
+def _add_doctor(commands) -> None:
   doctor = commands.add_parser(
       "doctor", help="what runs here: devices, versions, patches, kernels")
   doctor.set_defaults(func=_run_doctor)
-  return parser
 
 
 def _run_demo(args) -> int:

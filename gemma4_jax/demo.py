@@ -144,23 +144,12 @@ def _journey(steps, seq_len, batch_size, workdir) -> int:
        f"turn format (right-padded rows, loss on completions); work in "
        f"{workdir}")
   base_dir = os.path.join(workdir, "base")
-  _say("base model:")
-  with _Stage("build the Gemma 4 (random weights)"):
-    base = tiny_models.build_model(tiny_models.tiny_config(**CONFIG), seed=0)
-  with _Stage("write it as a Hugging Face checkpoint + tokenizer.json"):
-    hf_writer.write_hf_checkpoint(base, base_dir)
-    tokenizer_path = tiny_tokenizer.write(base_dir, VOCAB_SIZE)
+  base, tokenizer_path = _base_checkpoint(base_dir)
   tokenizer = perplexity.load_tokenizer(base_dir)
   pad_id = chat.pad_id(tokenizer)
-
-  rng = np.random.default_rng(0)
-  starts = rng.permutation(np.asarray(TASK_STARTS))
-  max_count = seq_len - 8  # 7 prompt tokens, then the count and <turn|>
-  train_records = _pairs(starts[HELD_OUT:], rng, max_count)
-  held_out = _pairs(starts[:HELD_OUT], rng, max_count)
-  examples, _ = finetune.encode(train_records, tokenizer, seq_len)
-  batches = finetune.batches(examples, batch_size=batch_size,
-                             seq_len=seq_len, pad_id=pad_id, steps=steps)
+  train_records, held_out, batches = _task(tokenizer, pad_id, steps=steps,
+                                           seq_len=seq_len,
+                                           batch_size=batch_size)
   model_inputs_fn = finetune.model_inputs_fn(pad_id)
   _say(f"  data: {len(train_records)} training pairs, {len(held_out)} held "
        f"out, e.g. {train_records[0]} ({os.path.basename(tokenizer_path)}: "
@@ -176,8 +165,60 @@ def _journey(steps, seq_len, batch_size, workdir) -> int:
         base, batches, steps, model_inputs_fn, checkpoint_dir=checkpoints)
   _print_training(stock, patched, stock_temp, patched_temp)
 
+  merged, logit_error, logit_bound = _merge_and_compare(
+      base_dir, checkpoints, os.path.join(workdir, "merged"), steps,
+      lora_model, model_inputs_fn, batches[0])
+  logits_agree = logit_error <= logit_bound
+  _say(f"  max |merged - LoRA| = {logit_error:.2e} (bound {logit_bound:.2e}):"
+       f" {'agree' if logits_agree else 'DIFFER'}")
+
+  base_ppl, merged_ppl = _held_out_perplexity(base, merged, held_out,
+                                              tokenizer)
+  _print_samples(base, merged, held_out, tokenizer, base_dir, pad_id)
+
+  agree = abs(stock.losses[0] - patched.losses[0]) <= 1e-5 * abs(
+      stock.losses[0])
+  learned = all(run.losses[-1] < run.losses[0] for run in (stock, patched))
+  lower = merged_ppl < base_ppl
+  _print_summary(agree, learned, logits_agree, lower, stock, patched,
+                 base_ppl, merged_ppl, logit_error)
+  return 0 if agree and learned and logits_agree and lower else 1
+
+
+def _base_checkpoint(base_dir):
+  """The random-weight Gemma 4, written to `base_dir` as a Hugging Face
+  checkpoint with a `tokenizer.json`; returns it and the tokenizer's path."""
+  _say("base model:")
+  with _Stage("build the Gemma 4 (random weights)"):
+    base = tiny_models.build_model(tiny_models.tiny_config(**CONFIG), seed=0)
+  with _Stage("write it as a Hugging Face checkpoint + tokenizer.json"):
+    hf_writer.write_hf_checkpoint(base, base_dir)
+    tokenizer_path = tiny_tokenizer.write(base_dir, VOCAB_SIZE)
+  return base, tokenizer_path
+
+
+def _task(tokenizer, pad_id, *, steps, seq_len, batch_size):
+  """The counting task: training pairs, held-out pairs, training batches."""
+  rng = np.random.default_rng(0)
+  starts = rng.permutation(np.asarray(TASK_STARTS))
+  max_count = seq_len - 8  # 7 prompt tokens, then the count and <turn|>
+  train_records = _pairs(starts[HELD_OUT:], rng, max_count)
+  held_out = _pairs(starts[:HELD_OUT], rng, max_count)
+  examples, _ = finetune.encode(train_records, tokenizer, seq_len)
+  batches = finetune.batches(examples, batch_size=batch_size,
+                             seq_len=seq_len, pad_id=pad_id, steps=steps)
+  return train_records, held_out, batches
+
+
+def _merge_and_compare(base_dir, checkpoints, merged_dir, steps, lora_model,
+                       model_inputs_fn, batch):
+  """Merges the adapter into the base checkpoint, loads the result with
+  Tunix and compares its logits with the LoRA model's.
+
+  Returns:
+    `(merged model, max |merged - LoRA| logit, the bound it must meet)`.
+  """
   _say("\nthe adapter, merged and checked:")
-  merged_dir = os.path.join(workdir, "merged")
   with _Stage(f"merge the step-{steps} Tunix checkpoint into the Hugging "
               "Face one (host)"):
     merging.merge(base_dir, checkpoints, merged_dir, alpha=LORA_ALPHA,
@@ -185,7 +226,7 @@ def _journey(steps, seq_len, batch_size, workdir) -> int:
   with _Stage("load the merged checkpoint with Tunix"):
     merged = perplexity.load_model(merged_dir)
   with _Stage("logits: merged model vs LoRA model"):
-    inputs = model_inputs_fn(batches[0])
+    inputs = model_inputs_fn(batch)
     logits = nnx.jit(lambda model, x: model(
         x["input_tokens"], x["positions"], None, x["attention_mask"])[0])
     expected = np.asarray(logits(lora_model, inputs), np.float64)
@@ -201,10 +242,11 @@ def _journey(steps, seq_len, batch_size, workdir) -> int:
                    testing.MODEL_ERROR_FLOOR_ULPS * np.finfo(np.float32).eps *
                    np.abs(expected).max())
     logit_error = float(np.abs(actual - expected).max())
-  logits_agree = logit_error <= logit_bound
-  _say(f"  max |merged - LoRA| = {logit_error:.2e} (bound {logit_bound:.2e}):"
-       f" {'agree' if logits_agree else 'DIFFER'}")
+  return merged, logit_error, logit_bound
 
+
+def _held_out_perplexity(base, merged, held_out, tokenizer):
+  """Perplexity of the held-out pairs, base and merged."""
   _say("\nheld-out evaluation (turn format, completions and <turn|> scored):")
   eval_examples = perplexity.tokenize(held_out, tokenizer, chat=True)
   results = {}
@@ -212,9 +254,15 @@ def _journey(steps, seq_len, batch_size, workdir) -> int:
     with _Stage(f"perplexity, {name}"):
       results[name] = perplexity.perplexity(model, eval_examples,
                                             progress=False)
-  base_ppl, merged_ppl = results["base"].perplexity, results["merged"].perplexity
+  base_ppl = results["base"].perplexity
+  merged_ppl = results["merged"].perplexity
   _say(f"  perplexity: base {base_ppl:.1f}, merged {merged_ppl:.1f} "
        f"(vocab {VOCAB_SIZE}; {results['base'].num_tokens} tokens)")
+  return base_ppl, merged_ppl
+
+
+def _print_samples(base, merged, held_out, tokenizer, base_dir, pad_id):
+  """Greedy completions of the first held-out prompts, base and merged."""
   prompts = [chat.encode_prompt(tokenizer, r["prompt"], chat=True)
              for r in held_out[:NUM_SAMPLES]]
   stops = chat.stop_token_ids(tokenizer, base_dir)
@@ -231,14 +279,6 @@ def _journey(steps, seq_len, batch_size, workdir) -> int:
       c = samples[name][i]
       text = tokenizer.decode(c.tokens.tolist())
       _say(f"    {name:>6}: {text!r}{' <turn|>' if c.stopped else ''}")
-
-  agree = abs(stock.losses[0] - patched.losses[0]) <= 1e-5 * abs(
-      stock.losses[0])
-  learned = all(run.losses[-1] < run.losses[0] for run in (stock, patched))
-  lower = merged_ppl < base_ppl
-  _print_summary(agree, learned, logits_agree, lower, stock, patched,
-                 base_ppl, merged_ppl, logit_error)
-  return 0 if agree and learned and logits_agree and lower else 1
 
 
 def _print_training(stock, patched, stock_temp, patched_temp):

@@ -181,7 +181,6 @@ def _say(message: str) -> None:
 def run(options: Options) -> dict:
   """The whole script; returns what it reported (for tests and the demo)."""
   from gemma4_jax import chat  # pylint: disable=g-import-not-at-top
-  from gemma4_jax import generate  # pylint: disable=g-import-not-at-top
   from gemma4_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from gemma4_jax import patches  # pylint: disable=g-import-not-at-top
   from gemma4_jax import perplexity  # pylint: disable=g-import-not-at-top
@@ -193,19 +192,12 @@ def run(options: Options) -> dict:
   with (patches.applied() if options.patch
         else contextlib.nullcontext()) as report:
     mesh = mesh_lib.default_mesh()
-    if mesh is not None and options.batch_size % mesh.shape["fsdp"]:
+    if mesh is not None and options.batch_size % mesh.shape[mesh_lib.FSDP]:
       raise ValueError(f"batch_size: {options.batch_size} rows do not split "
-                       f"over fsdp={mesh.shape['fsdp']} devices")
+                       f"over fsdp={mesh.shape[mesh_lib.FSDP]} devices")
     tokenizer = perplexity.load_tokenizer(options.base)
     pad_id = chat.pad_id(tokenizer)
-    train, dropped = encode(read_pairs(options.train), tokenizer,
-                            options.seq_len)
-    if not train:
-      raise ValueError(f"{options.train}: no example fits --seq-len "
-                       f"{options.seq_len}")
-    eval_records = read_pairs(options.eval) if options.eval else []
-    _say(f"data: {len(train)} training examples ({dropped} longer than "
-         f"{options.seq_len} tokens dropped), {len(eval_records)} eval")
+    train, dropped, eval_records = _read_data(options, tokenizer)
 
     _say(f"load {options.base} ({options.dtype}) on "
          f"{'one device' if mesh is None else dict(mesh.shape)}")
@@ -214,28 +206,9 @@ def run(options: Options) -> dict:
       _say(str(report))
     model = add_lora(model, rank=options.lora_rank, alpha=options.lora_alpha,
                      mesh=mesh)
-
     checkpoints = os.path.join(options.out, "checkpoints")
-    trainer = make_trainer(model, options, pad_id=pad_id, mesh=mesh,
-                           checkpoint_dir=checkpoints)
-    train_batches = batches(train, batch_size=options.batch_size,
-                            seq_len=options.seq_len, pad_id=pad_id,
-                            steps=options.steps, seed=options.seed)
-    eval_examples, _ = encode(eval_records, tokenizer, options.seq_len)
-    eval_batches = (batches(eval_examples, batch_size=options.batch_size,
-                            seq_len=options.seq_len, pad_id=pad_id,
-                            steps=-(-len(eval_examples) // options.batch_size))
-                    if eval_examples else None)
-    _say(f"train: {options.steps} PeftTrainer steps of {options.batch_size} x "
-         f"{options.seq_len} tokens, LoRA rank {options.lora_rank} alpha "
-         f"{options.lora_alpha}, checkpoints in {checkpoints}")
-    # Only the legacy `with mesh:`: under `jax.set_mesh` Tunix 0.1.7's
-    # `_shard_optimizer` fails on the optimizer's unsharded step counter.
-    with mesh if mesh is not None else contextlib.nullcontext():
-      trainer.train(train_batches, eval_batches)
-    losses = [float(x) for x in np.asarray(
-        trainer.metrics_logger.get_metric_history("", "loss", "train"))]
-    trainer.close()
+    losses = _train(model, options, train, eval_records, tokenizer,
+                    pad_id=pad_id, mesh=mesh, checkpoints=checkpoints)
   _say(f"train loss: {losses[0]:.4f} (step 1) -> {losses[-1]:.4f} "
        f"(step {len(losses)})")
 
@@ -248,21 +221,73 @@ def run(options: Options) -> dict:
   result = {"losses": losses, "checkpoints": checkpoints, "merged": merged,
             "dropped": dropped}
   if eval_records:
-    ppl = perplexity.run(options.base, options.eval, adapter=checkpoints,
-                         alpha=options.lora_alpha, dtype=options.dtype,
-                         chat=True, mesh=mesh, progress=False,
-                         batch_size=options.batch_size)
-    result["perplexity"] = {name: ppl[name].perplexity
-                            for name in ("base", "adapted")}
-    prompts = [r["prompt"] for r in eval_records[:options.num_samples]]
-    result["samples"] = {}
-    for name, directory in (("base", options.base), ("fine-tuned", merged)):
-      _say(f"\n{name} ({directory}), greedy:")
-      result["samples"][name] = generate.run(
-          directory, prompts=prompts, chat=True, dtype=options.dtype,
-          max_new_tokens=options.max_new_tokens, mesh=mesh,
-          batch_size=options.batch_size, progress=False)
+    result.update(_evaluate(options, eval_records, checkpoints=checkpoints,
+                            merged=merged, mesh=mesh))
   _say(f"done in {time.perf_counter() - started:.0f}s")
+  return result
+
+
+def _read_data(options: Options, tokenizer):
+  """The encoded training examples, how many were too long, and the eval
+  records."""
+  train, dropped = encode(read_pairs(options.train), tokenizer,
+                          options.seq_len)
+  if not train:
+    raise ValueError(f"{options.train}: no example fits --seq-len "
+                     f"{options.seq_len}")
+  eval_records = read_pairs(options.eval) if options.eval else []
+  _say(f"data: {len(train)} training examples ({dropped} longer than "
+       f"{options.seq_len} tokens dropped), {len(eval_records)} eval")
+  return train, dropped, eval_records
+
+
+def _train(model, options: Options, train, eval_records, tokenizer, *,
+           pad_id: int, mesh, checkpoints: str) -> list[float]:
+  """`PeftTrainer` on the training batches (eval loss on the eval data);
+  returns the training losses."""
+  trainer = make_trainer(model, options, pad_id=pad_id, mesh=mesh,
+                         checkpoint_dir=checkpoints)
+  train_batches = batches(train, batch_size=options.batch_size,
+                          seq_len=options.seq_len, pad_id=pad_id,
+                          steps=options.steps, seed=options.seed)
+  eval_examples, _ = encode(eval_records, tokenizer, options.seq_len)
+  eval_batches = (batches(eval_examples, batch_size=options.batch_size,
+                          seq_len=options.seq_len, pad_id=pad_id,
+                          steps=-(-len(eval_examples) // options.batch_size))
+                  if eval_examples else None)
+  _say(f"train: {options.steps} PeftTrainer steps of {options.batch_size} x "
+       f"{options.seq_len} tokens, LoRA rank {options.lora_rank} alpha "
+       f"{options.lora_alpha}, checkpoints in {checkpoints}")
+  # Only the legacy `with mesh:`: under `jax.set_mesh` Tunix 0.1.7's
+  # `_shard_optimizer` fails on the optimizer's unsharded step counter.
+  with mesh if mesh is not None else contextlib.nullcontext():
+    trainer.train(train_batches, eval_batches)
+  losses = [float(x) for x in np.asarray(
+      trainer.metrics_logger.get_metric_history("", "loss", "train"))]
+  trainer.close()
+  return losses
+
+
+def _evaluate(options: Options, eval_records, *, checkpoints: str,
+              merged: str, mesh) -> dict:
+  """Perplexity base vs fine-tuned on the eval data, and greedy completions
+  of its first prompts by both (printed)."""
+  from gemma4_jax import generate  # pylint: disable=g-import-not-at-top
+  from gemma4_jax import perplexity  # pylint: disable=g-import-not-at-top
+  ppl = perplexity.run(options.base, options.eval, adapter=checkpoints,
+                       alpha=options.lora_alpha, dtype=options.dtype,
+                       chat=True, mesh=mesh, progress=False,
+                       batch_size=options.batch_size)
+  result = {"perplexity": {name: ppl[name].perplexity
+                           for name in ("base", "adapted")},
+            "samples": {}}
+  prompts = [r["prompt"] for r in eval_records[:options.num_samples]]
+  for name, directory in (("base", options.base), ("fine-tuned", merged)):
+    _say(f"\n{name} ({directory}), greedy:")
+    result["samples"][name] = generate.run(
+        directory, prompts=prompts, chat=True, dtype=options.dtype,
+        max_new_tokens=options.max_new_tokens, mesh=mesh,
+        batch_size=options.batch_size, progress=False)
   return result
 
 

@@ -28,7 +28,6 @@ import warnings
 
 from flax import nnx
 import jax
-from jax.interpreters import pxla
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -36,6 +35,7 @@ import qwix
 from tunix.models.gemma4 import model as gemma4_lib
 from tunix.sft import peft_trainer
 
+from gemma4_jax import mesh as mesh_lib
 from gemma4_jax import tiny_models
 
 # CLI name -> Tunix `ModelConfig` classmethod.
@@ -150,8 +150,8 @@ class AbstractStep:
     """Token and mask `ShapeDtypeStruct`s, batch over 'fsdp' as Tunix's
     `shard_input` does (replicated when the batch does not divide)."""
     batch = self.config.batch
-    spec = (jax.sharding.PartitionSpec("fsdp")
-            if batch % self.mesh.shape["fsdp"] == 0
+    spec = (jax.sharding.PartitionSpec(mesh_lib.FSDP)
+            if batch % self.mesh.shape[mesh_lib.FSDP] == 0
             else jax.sharding.PartitionSpec())
     sharding = jax.sharding.NamedSharding(self.mesh, spec)
     return {"input_tokens": jax.ShapeDtypeStruct((batch, seq_len), jnp.int32,
@@ -298,8 +298,8 @@ def tunix_shard_constrains_on_cpu():
   original = gemma4_lib.shard
 
   def shard(x, s, eager=False):
-    mesh = pxla.thread_resources.env.physical_mesh
-    if mesh.empty:
+    mesh = mesh_lib.legacy_context()
+    if mesh is None:
       return jnp.asarray(x)
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*s))
     if eager:

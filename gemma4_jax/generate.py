@@ -182,11 +182,42 @@ def generate(model, prompts: Sequence[Sequence[int]], *,
     ValueError: an empty prompt, max_new_tokens < 1, batch_size < 1.
   """
   import contextlib  # pylint: disable=g-import-not-at-top
+  import functools  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import tqdm  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
+  prompts = _checked_prompts(prompts, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size)
+  batch_size = _rows_per_batch(batch_size, len(prompts), mesh)
+  graphdef, state = nnx.split(model)
+  base_key = jax.random.key(seed)
+  # One program per prompt length (`_prompt_length` rounds to few).
+  compiled = functools.cache(lambda prompt_len: _generate_fn(
+      graphdef, max_new_tokens=max_new_tokens,
+      cache_size=prompt_len + max_new_tokens, sampling=sampling,
+      stop_ids=tuple(int(s) for s in stop_ids), pad_id=pad_id))
+  results: list[Completion | None] = [None] * len(prompts)
+  scope = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
+  bar = tqdm.tqdm(_length_sorted_batches(prompts, batch_size),
+                  desc="generate", unit="batch",
+                  disable=(not progress) if progress is not None else None)
+  with scope:
+    for rows in bar:
+      # The last batch is filled with copies of its first prompt, so every
+      # batch has one shape; their outputs are dropped.
+      padded_rows = rows + [rows[0]] * (batch_size - len(rows))
+      out, lengths, done = _run_batch(
+          compiled, model, state, prompts, padded_rows, pad_id=pad_id,
+          base_key=base_key, max_new_tokens=max_new_tokens, mesh=mesh)
+      for r, i in enumerate(rows):
+        results[i] = Completion(out[r, :lengths[r]].copy(), bool(done[r]))
+  return results
+
+
+def _checked_prompts(prompts, *, max_new_tokens: int,
+                     batch_size: int) -> list[np.ndarray]:
+  """`generate`'s argument checks; the prompts as int32 arrays."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens: expected >= 1, got {max_new_tokens}")
   if batch_size < 1:
@@ -196,54 +227,61 @@ def generate(model, prompts: Sequence[Sequence[int]], *,
   if empty:
     raise ValueError(f"prompts: {empty} are empty (at least one token, "
                      "e.g. <bos>)")
-  if mesh is not None:
-    fsdp = mesh.shape.get("fsdp", 1)
-    batch_size = -(-batch_size // fsdp) * fsdp
-  batch_size = min(batch_size, len(prompts)) if mesh is None else batch_size
+  return prompts
 
-  graphdef, state = nnx.split(model)
-  dtype = model.config.dtype
-  base_key = jax.random.key(seed)
-  compiled = {}
-  # Similar lengths share a batch (less padding); the per-prompt keys keep
-  # each completion independent of its batch.
+
+def _rows_per_batch(batch_size: int, num_prompts: int, mesh) -> int:
+  """Rows of every jitted call: without a mesh no more than there are
+  prompts; with one, a multiple of its `fsdp` size."""
+  if mesh is None:
+    return min(batch_size, num_prompts)
+  from gemma4_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  fsdp = mesh.shape.get(mesh_lib.FSDP, 1)
+  return -(-batch_size // fsdp) * fsdp
+
+
+def _length_sorted_batches(prompts, batch_size: int) -> list[list[int]]:
+  """Prompt indices in batches of `batch_size`, shortest prompts first.
+
+  Similar lengths share a batch (less padding); the per-prompt keys keep
+  each completion independent of its batch.
+  """
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-  batches = [order[i:i + batch_size] for i in range(0, len(order),
-                                                     batch_size)]
-  results: list[Completion | None] = [None] * len(prompts)
-  scope = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
-  bar = tqdm.tqdm(batches, desc="generate", unit="batch",
-                  disable=(not progress) if progress is not None else None)
-  with scope:
-    for rows in bar:
-      # The last batch is filled with copies of its first prompt, so every
-      # batch has one shape; their outputs are dropped.
-      padded_rows = rows + [rows[0]] * (batch_size - len(rows))
-      prompt_len = _prompt_length(max(len(prompts[i]) for i in rows))
-      tokens = np.full((batch_size, prompt_len), pad_id, np.int32)
-      mask = np.zeros((batch_size, prompt_len), bool)
-      for r, i in enumerate(padded_rows):
-        tokens[r, prompt_len - len(prompts[i]):] = prompts[i]
-        mask[r, prompt_len - len(prompts[i]):] = True
-      cache_size = prompt_len + max_new_tokens
-      if prompt_len not in compiled:
-        compiled[prompt_len] = _generate_fn(
-            graphdef, max_new_tokens=max_new_tokens, cache_size=cache_size,
-            sampling=sampling, stop_ids=tuple(int(s) for s in stop_ids),
-            pad_id=pad_id)
-      row_keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(
-          jnp.asarray(padded_rows, jnp.uint32))
-      data = (jnp.asarray(tokens), jnp.asarray(mask), row_keys)
-      if mesh is not None:
-        rows_sharding = jax.sharding.NamedSharding(
-            mesh, jax.sharding.PartitionSpec("fsdp"))
-        data = tuple(jax.device_put(x, rows_sharding) for x in data)
-      cache = model.init_cache(batch_size, cache_size, dtype)
-      out, lengths, done = jax.device_get(
-          compiled[prompt_len](state, cache, *data))
-      for r, i in enumerate(rows):
-        results[i] = Completion(out[r, :lengths[r]].copy(), bool(done[r]))
-  return results
+  return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _left_padded(prompts, rows, pad_id: int):
+  """`(tokens, mask)` `[len(rows), prompt_len]`: the prompts `rows`
+  left-padded to one power-of-two length."""
+  prompt_len = _prompt_length(max(len(prompts[i]) for i in rows))
+  tokens = np.full((len(rows), prompt_len), pad_id, np.int32)
+  mask = np.zeros((len(rows), prompt_len), bool)
+  for r, i in enumerate(rows):
+    tokens[r, prompt_len - len(prompts[i]):] = prompts[i]
+    mask[r, prompt_len - len(prompts[i]):] = True
+  return tokens, mask
+
+
+def _run_batch(compiled, model, state, prompts, rows, *, pad_id: int,
+               base_key, max_new_tokens: int, mesh):
+  """One jitted prefill + decode of the prompts `rows`, left-padded;
+  `(out, lengths, done)` on the host. `compiled(prompt_len)` is the jitted
+  program; row r draws from `fold_in(base_key, rows[r])`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  tokens, mask = _left_padded(prompts, rows, pad_id)
+  prompt_len = tokens.shape[1]
+  row_keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(
+      jnp.asarray(rows, jnp.uint32))
+  data = (jnp.asarray(tokens), jnp.asarray(mask), row_keys)
+  if mesh is not None:
+    from gemma4_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+    rows_sharding = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(mesh_lib.FSDP))
+    data = tuple(jax.device_put(x, rows_sharding) for x in data)
+  cache = model.init_cache(len(rows), prompt_len + max_new_tokens,
+                           model.config.dtype)
+  return jax.device_get(compiled(prompt_len)(state, cache, *data))
 
 
 def read_prompts(path: str | os.PathLike) -> list[dict]:
@@ -335,9 +373,10 @@ def register(commands) -> None:
       "batch fill Tunix's KV cache, then one token per step until <turn|>, "
       "EOS or --max-new-tokens. Greedy unless --temperature > 0. Runs on "
       "CPU and TPU; with several devices, on an ('fsdp', 'tp') mesh.")
-  generate.add_argument("checkpoint",
-                        help="Hugging Face Gemma 4 checkpoint directory "
-                        "(safetensors, config.json, tokenizer.json)")
+  from gemma4_jax import cli  # pylint: disable=g-import-not-at-top
+  cli.add_checkpoint_args(generate, adapter_help=(
+      "LoRA adapter (Tunix checkpoint or PEFT directory), merged into the "
+      "base first"))
   generate.add_argument("--prompt", action="append", default=[],
                         metavar="TEXT", help="a prompt (repeatable)")
   generate.add_argument("--data", help="JSONL of {\"prompt\": ...} lines (a "
@@ -345,12 +384,6 @@ def register(commands) -> None:
   generate.add_argument("--chat", action="store_true",
                         help="wrap each prompt in Gemma 4's turn format: "
                         "<bos><|turn>user\\n...<turn|>\\n<|turn>model\\n")
-  generate.add_argument("--adapter",
-                        help="LoRA adapter (Tunix checkpoint or PEFT "
-                        "directory), merged into the base first")
-  generate.add_argument("--alpha", type=float,
-                        help="LoRA alpha, for a Tunix checkpoint that does "
-                        "not record it")
   generate.add_argument("--max-new-tokens", type=int, default=64,
                         help="at most this many tokens per prompt (default "
                         "64)")

@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from gemma4_jax.export import safetensors_io
+from gemma4_jax.kernels.ple import sharding as ple_sharding
 
 
 class _HostData:
@@ -126,21 +127,17 @@ def sharded_host_lookup(table: HostTable, ids, *, row_shape, mesh, out_spec):
   """`host_lookup` inside `shard_map`: each device's callback gathers only
   its own block of `out_spec` (its tokens, its columns) from host memory, so
   the rows arrive already sharded and no device collects them for others."""
-  spec = tuple(out_spec) + (None,) * (1 + len(row_shape) - len(out_spec))
-
-  def axes_of(entry):
-    return () if entry is None else (entry,) if isinstance(entry, str) else (
-        tuple(entry))
-
-  sizes = [math.prod(mesh.shape[a] for a in axes_of(e)) for e in spec]
+  spec = ple_sharding.padded_spec(out_spec, 1 + len(row_shape))
+  dim_axes = ple_sharding.dim_axes(spec)
+  sizes = [math.prod(mesh.shape[a] for a in axes) for axes in dim_axes]
   block = (ids.shape[0] // sizes[0],
            *(n // k for n, k in zip(row_shape, sizes[1:])))
   data = table._data  # pylint: disable=protected-access
 
   def local(marker, ids_block):
     starts = jnp.stack([
-        (jax.lax.axis_index(axes_of(e)) if axes_of(e) else 0) * n
-        for e, n in zip(spec[1:], block[1:])]).astype(jnp.int32)
+        (jax.lax.axis_index(axes) if axes else 0) * n
+        for axes, n in zip(dim_axes[1:], block[1:])]).astype(jnp.int32)
 
     def gather(host_ids, host_starts):
       rows = np.take(data.array, np.asarray(host_ids), axis=0)

@@ -24,15 +24,21 @@ AXES = (FSDP, TP)
 
 def in_context():
   """The mesh in effect, or None: `jax.set_mesh` / `jax.sharding.use_mesh`
-  first, else a `with mesh:` block (what Tunix's trainers enter).
+  first, else a `with mesh:` block (what Tunix's trainers enter)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is not None and not mesh.empty:
+    return mesh
+  return legacy_context()
+
+
+def legacy_context():
+  """The mesh of an enclosing `with mesh:` block, or None: what Tunix's own
+  `shard()` reads.
 
   JAX has deprecated `jax.interpreters.pxla.thread_resources` but gives no
   other way to read a `with mesh:` block; this is the one place that reads
   it.
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is not None and not mesh.empty:
-    return mesh
   from jax._src import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   physical = mesh_lib.thread_resources.env.physical_mesh
   return None if physical.empty else physical

@@ -236,11 +236,8 @@ def read_text_config(checkpoint_dir: str | os.PathLike) -> dict:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"checkpoint: no {CONFIG_FILE} in "
                             f"{os.fspath(checkpoint_dir)}")
-  try:
-    with open(path, encoding="utf-8") as f:
-      config = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"checkpoint: {path} is not valid JSON: {e}") from None
+  config = validation.load_json(path, lambda e: ValueError(
+      f"checkpoint: {path} is not valid JSON: {e}"))
   validation.json_object(config, path)
   text = config.get("text_config") or config
   where = path + (": text_config" if text is not config else "")
@@ -363,28 +360,17 @@ def perplexity(model, examples: Sequence[Example], *, progress=None,
                           model.config.dtype)
   if batch_size < 1:
     raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
-  batch_size = min(batch_size, max(1, len(examples)))
-  if mesh is not None:
-    fsdp = mesh.shape.get("fsdp", 1)
-    batch_size = -(-batch_size // fsdp) * fsdp
-  by_length = {}
-  for example in examples:
-    by_length.setdefault(_padded_length(len(example.tokens)),
-                         []).append(example)
-  batches = [group[i:i + batch_size] for _, group in sorted(by_length.items())
-             for i in range(0, len(group), batch_size)]
+  batch_size = _rows_per_batch(batch_size, len(examples), mesh)
   total, count = 0.0, 0
   bar = tqdm.tqdm(total=len(examples), desc=description, unit="example",
                   disable=(not progress) if progress is not None else None)
   scope = jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
   with scope, bar:
-    for group in batches:
+    for group in _length_batches(examples, batch_size):
       # Every batch has batch_size rows (one compile per padded length).
       inputs = _batch(group, rows=batch_size)
       if mesh is not None:
-        rows = jax.sharding.NamedSharding(mesh,
-                                          jax.sharding.PartitionSpec("fsdp"))
-        inputs = tuple(jax.device_put(x, rows) for x in inputs)
+        inputs = _split_rows(inputs, mesh)
       tokens, scored, positions, attention_mask = inputs
       hidden = hidden_fn(model, tokens, positions, attention_mask)
       loss_sum, weight_sum = nll(hidden, embedding, tokens, scored)
@@ -392,6 +378,38 @@ def perplexity(model, examples: Sequence[Example], *, progress=None,
       count += int(round(float(weight_sum)))
       bar.update(len(group))
   return Result(total, count, len(examples))
+
+
+def _rows_per_batch(batch_size: int, num_examples: int, mesh) -> int:
+  """No more rows than examples; with a mesh, a multiple of its `fsdp`
+  size."""
+  batch_size = min(batch_size, max(1, num_examples))
+  if mesh is not None:
+    from gemma4_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+    fsdp = mesh.shape.get(mesh_lib.FSDP, 1)
+    batch_size = -(-batch_size // fsdp) * fsdp
+  return batch_size
+
+
+def _length_batches(examples: Sequence[Example], batch_size: int
+                    ) -> list[list[Example]]:
+  """Groups of at most `batch_size` examples of one padded length, shortest
+  first."""
+  by_length = {}
+  for example in examples:
+    by_length.setdefault(_padded_length(len(example.tokens)),
+                         []).append(example)
+  return [group[i:i + batch_size] for _, group in sorted(by_length.items())
+          for i in range(0, len(group), batch_size)]
+
+
+def _split_rows(inputs, mesh):
+  """The batch's arrays placed with their rows split over `fsdp`."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from gemma4_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  rows = jax.sharding.NamedSharding(mesh,
+                                    jax.sharding.PartitionSpec(mesh_lib.FSDP))
+  return tuple(jax.device_put(x, rows) for x in inputs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -504,6 +522,40 @@ def _preflight(checkpoint, data, *, adapter, alpha, top_k_count, inspect,
   from gemma4_jax import validation  # pylint: disable=g-import-not-at-top
   from gemma4_jax.export import adapter as adapter_lib  # pylint: disable=g-import-not-at-top
   from gemma4_jax.export import base as base_lib  # pylint: disable=g-import-not-at-top
+  inspect = _check_flags(adapter=adapter, alpha=alpha,
+                         top_k_count=top_k_count, inspect=inspect,
+                         dtype=dtype, batch_size=batch_size)
+  validation.check_input_dir("checkpoint", checkpoint)
+  if adapter is not None:
+    validation.check_input_dir("--adapter", adapter)
+  records = read_dataset(data)
+  if not records:
+    raise DatasetError(f"{data}: no examples")
+  text = read_text_config(checkpoint)
+  tokenizer = load_tokenizer(checkpoint)
+  examples = tokenize(records, tokenizer, chat=chat)
+  if not any(example.scored.any() for example in examples):
+    raise DatasetError(
+        f"{data}: no scored tokens (a 'text' line scores every token after "
+        f"the first, a 'prompt'/'completion' line its completion tokens); "
+        f"the mean NLL of nothing is undefined")
+  vocab = text["vocab_size"]
+  _check_token_ids(examples, vocab, checkpoint)
+  if top_k_count is not None:
+    _check_inspected(examples, inspect, top_k_count, vocab)
+  if adapter is not None:
+    loaded = adapter_lib.load_adapter(adapter, alpha=alpha)
+    base_lib.place_deltas(base_lib.open_base(checkpoint), loaded.deltas,
+                          untie=False)
+    adapter = loaded
+  return tokenizer, examples, inspect, adapter
+
+
+def _check_flags(*, adapter, alpha, top_k_count, inspect, dtype,
+                 batch_size) -> tuple[int, ...]:
+  """The checks that need no file; returns the examples to inspect."""
+  from gemma4_jax import validation  # pylint: disable=g-import-not-at-top
+  from gemma4_jax.export import adapter as adapter_lib  # pylint: disable=g-import-not-at-top
   # Flags that would be ignored are refused: a report that silently left
   # out what was asked for reads like an answer.
   if top_k_count is None and inspect is not None:
@@ -520,21 +572,11 @@ def _preflight(checkpoint, data, *, adapter, alpha, top_k_count, inspect,
     raise ValueError(f"--dtype: expected float32 or bfloat16, got {dtype!r}")
   validation.check_int("--batch-size", batch_size, minimum=1)
   adapter_lib.check_rank_alpha(None, alpha)
-  validation.check_input_dir("checkpoint", checkpoint)
-  if adapter is not None:
-    validation.check_input_dir("--adapter", adapter)
-  records = read_dataset(data)
-  if not records:
-    raise DatasetError(f"{data}: no examples")
-  text = read_text_config(checkpoint)
-  tokenizer = load_tokenizer(checkpoint)
-  examples = tokenize(records, tokenizer, chat=chat)
-  if not any(example.scored.any() for example in examples):
-    raise DatasetError(
-        f"{data}: no scored tokens (a 'text' line scores every token after "
-        f"the first, a 'prompt'/'completion' line its completion tokens); "
-        f"the mean NLL of nothing is undefined")
-  vocab = text["vocab_size"]
+  return inspect
+
+
+def _check_token_ids(examples: Sequence[Example], vocab: int,
+                     checkpoint) -> None:
   for index, example in enumerate(examples):
     if len(example.tokens) and int(example.tokens.max()) >= vocab:
       # Out-of-vocabulary ids would read no row of the LM head and score
@@ -544,24 +586,22 @@ def _preflight(checkpoint, data, *, adapter, alpha, top_k_count, inspect,
           f"token id {int(example.tokens.max())} (example {index}) but the "
           f"model's vocab_size is {vocab} (ids 0..{vocab - 1}); the "
           f"tokenizer does not belong to this checkpoint")
-  if top_k_count is not None:
-    if top_k_count > vocab:
-      raise ValueError(f"--top-k: {top_k_count} is more than the vocabulary "
-                       f"({vocab} tokens)")
-    bad = [i for i in inspect if not 0 <= i < len(examples)]
-    if bad:
-      raise ValueError(f"--inspect: examples {bad} out of range [0, "
-                       f"{len(examples)})")
-    short = [i for i in inspect if len(examples[i].tokens) < 2]
-    if short:
-      raise ValueError(f"--inspect: example(s) {short} have fewer than 2 "
-                       f"tokens: nothing is predicted in them")
-  if adapter is not None:
-    loaded = adapter_lib.load_adapter(adapter, alpha=alpha)
-    base_lib.place_deltas(base_lib.open_base(checkpoint), loaded.deltas,
-                          untie=False)
-    adapter = loaded
-  return tokenizer, examples, inspect, adapter
+
+
+def _check_inspected(examples: Sequence[Example], inspect, top_k_count: int,
+                     vocab: int) -> None:
+  """`--top-k` against the vocabulary, `--inspect` against the examples."""
+  if top_k_count > vocab:
+    raise ValueError(f"--top-k: {top_k_count} is more than the vocabulary "
+                     f"({vocab} tokens)")
+  bad = [i for i in inspect if not 0 <= i < len(examples)]
+  if bad:
+    raise ValueError(f"--inspect: examples {bad} out of range [0, "
+                     f"{len(examples)})")
+  short = [i for i in inspect if len(examples[i].tokens) < 2]
+  if short:
+    raise ValueError(f"--inspect: example(s) {short} have fewer than 2 "
+                     f"tokens: nothing is predicted in them")
 
 
 def _print_report(report, names, examples, tokenizer, out):

@@ -1,8 +1,17 @@
-"""Helpers for tests and benchmarks: tolerances, TPU compiles, meshes.
+"""Test support: tolerances, model-level comparisons, TPU compiles, meshes.
 
-Tolerances follow DESIGN.md: pass iff max|out - ref| <= atol + rtol * |ref|
-elementwise; gradients get twice the output tolerance. That table is for one
-op against its reference.
+Not part of the public API (no stability promise): the helpers the tests
+(`tests/`) and the benchmarks (`benchmarks/`) share. It ships in the
+package because commands use it at run time: `gemma4-jax fit` and
+`gemma4-jax doctor` (`libtpu_missing`, `tpu_devices`, `tpu_mesh`,
+`compile_optimized`, `mosaic_kernels`) and `gemma4-jax demo` (the
+`MODEL_ERROR_*` yardstick). Depends on jax and numpy; the TPU helpers need
+libtpu (the `test` or `tpu` extra), `greedy_reference` imports
+`tiny_models` (Tunix, qwix, optax) when called.
+
+Tolerances follow the table in ARCHITECTURE.md: pass iff max|out - ref| <=
+atol + rtol * |ref| elementwise; gradients get twice the output tolerance.
+That table is for one op against its reference.
 
 A whole model is compared differently (`assert_model_close`): its float32
 rounding grows through the layers and depends on the CPU's instruction set
@@ -23,12 +32,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gemma4_jax import mesh as mesh_lib
+
 # dtype -> (atol, rtol) for outputs.
 TOLERANCES = {
     jnp.dtype(jnp.float32): (1e-5, 1e-5),
     jnp.dtype(jnp.bfloat16): (2e-2, 2e-2),
 }
-# Online-softmax kernels reorder float32 sums: DESIGN.md allows 2e-5.
+# Online-softmax kernels reorder float32 sums: ARCHITECTURE.md allows 2e-5.
 ONLINE_SOFTMAX_F32_ATOL = 2e-5
 
 
@@ -133,42 +144,53 @@ def assert_model_close(actual, stock, stock64, *, name: str = "output",
   if any(tree_def != leaves[0][1] for _, tree_def in leaves):
     raise AssertionError(f"{name}: actual, stock, stock64 and perturbed "
                          "differ in structure")
-  eps32 = float(np.finfo(np.float32).eps)
   closest = (0.0, 0.0)
   for (path, a), (_, s), (_, r), *others in zip(
       *(paths for paths, _ in leaves)):
-    where = name + jax.tree_util.keystr(path)
-    a, s, r = (np.asarray(x, np.float64) for x in (a, s, r))
-    others = [np.asarray(x, np.float64) for _, x in others]
-    if any(x.shape != a.shape for x in (s, r, *others)):
-      raise AssertionError(f"{where}: shapes {a.shape}, {s.shape}, "
-                           f"{r.shape} differ")
-    if not np.all(np.isfinite(a)):
-      raise AssertionError(f"{where}: {np.sum(~np.isfinite(a))} non-finite "
-                           "values")
-    if a.size == 0:
+    checked = _check_model_leaf(name + jax.tree_util.keystr(path), a, s, r,
+                                [x for _, x in others], multiple)
+    if checked is None:
       continue
-    noise = max(float(np.max(np.abs(x - y))) for x, y in (
-        (s, r), *((x, s) for x in others)))
-    floor = MODEL_ERROR_FLOOR_ULPS * eps32 * float(np.max(np.abs(r)))
-    bound = multiple * noise + floor
-    error = np.abs(a - r)
-    if os.environ.get(MODEL_ERROR_LOG_ENV):
-      with open(os.environ[MODEL_ERROR_LOG_ENV], "a") as log:
-        log.write(f"{where}\t{np.max(error):.6g}\t{noise:.6g}\t"
-                  f"{bound:.6g}\n")
-    if float(np.max(error)) > bound:
-      worst = np.unravel_index(np.argmax(error), error.shape)
-      raise AssertionError(
-          f"{where}: patched float32 is {np.max(error):.3g} from float64 at "
-          f"{worst} ({a[worst]!r} vs {r[worst]!r}); stock float32 is "
-          f"{np.max(np.abs(s - r)):.3g} from it, float32 noise "
-          f"{noise:.3g}, so the bound is {multiple:g} x {noise:.3g} "
-          f"+ floor {floor:.3g} = {bound:.3g}")
-    if bound and float(np.max(error)) / bound >= (
+    error, bound = checked
+    if bound and error / bound >= (
         closest[0] / closest[1] if closest[1] else 0.0):
-      closest = (float(np.max(error)), bound)
+      closest = (error, bound)
   return closest
+
+
+def _check_model_leaf(where: str, actual, stock, stock64, perturbed,
+                      multiple: float) -> tuple[float, float] | None:
+  """`assert_model_close` on one leaf: `(error, bound)`, or None when the
+  leaf is empty."""
+  a, s, r = (np.asarray(x, np.float64) for x in (actual, stock, stock64))
+  others = [np.asarray(x, np.float64) for x in perturbed]
+  if any(x.shape != a.shape for x in (s, r, *others)):
+    raise AssertionError(f"{where}: shapes {a.shape}, {s.shape}, "
+                         f"{r.shape} differ")
+  if not np.all(np.isfinite(a)):
+    raise AssertionError(f"{where}: {np.sum(~np.isfinite(a))} non-finite "
+                         "values")
+  if a.size == 0:
+    return None
+  eps32 = float(np.finfo(np.float32).eps)
+  noise = max(float(np.max(np.abs(x - y))) for x, y in (
+      (s, r), *((x, s) for x in others)))
+  floor = MODEL_ERROR_FLOOR_ULPS * eps32 * float(np.max(np.abs(r)))
+  bound = multiple * noise + floor
+  error = np.abs(a - r)
+  if os.environ.get(MODEL_ERROR_LOG_ENV):
+    with open(os.environ[MODEL_ERROR_LOG_ENV], "a") as log:
+      log.write(f"{where}\t{np.max(error):.6g}\t{noise:.6g}\t"
+                f"{bound:.6g}\n")
+  if float(np.max(error)) > bound:
+    worst = np.unravel_index(np.argmax(error), error.shape)
+    raise AssertionError(
+        f"{where}: patched float32 is {np.max(error):.3g} from float64 at "
+        f"{worst} ({a[worst]!r} vs {r[worst]!r}); stock float32 is "
+        f"{np.max(np.abs(s - r)):.3g} from it, float32 noise "
+        f"{noise:.3g}, so the bound is {multiple:g} x {noise:.3g} "
+        f"+ floor {floor:.3g} = {bound:.3g}")
+  return float(np.max(error)), bound
 
 
 # Why float16 cannot run on some x86 CPUs (a skip reason for tests that use it).
@@ -203,7 +225,8 @@ def lower_for_tpu(fn, *args, **kwargs) -> jax.export.Exported:
   return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args, **kwargs)
 
 
-def simulated_mesh(shape=(2, 2), axis_names=("fsdp", "tp")) -> jax.sharding.Mesh:
+def simulated_mesh(shape=(2, 2), axis_names=mesh_lib.AXES
+                   ) -> jax.sharding.Mesh:
   """A `('fsdp','tp')` mesh over CPU devices, like Tunix's (Auto axes: with
   jax 0.10's default Explicit axes Tunix 0.1.7's embedding lookup fails).
 
@@ -260,7 +283,7 @@ def tpu_devices(topology: str = "v5e:2x2") -> tuple:
 
 
 def tpu_mesh(topology: str = "v5e:2x2", shape=None,
-             axis_names=("fsdp", "tp")) -> jax.sharding.Mesh:
+             axis_names=mesh_lib.AXES) -> jax.sharding.Mesh:
   """A mesh of abstract TPU chips with Tunix's axes (Auto, like Tunix's).
 
   `shape` defaults to (chips // 2, 2) for two axes.

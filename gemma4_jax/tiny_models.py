@@ -1,9 +1,14 @@
-"""Tiny but structurally faithful Gemma 4 models, LoRA and training, on CPU.
+"""Test support: tiny but structurally faithful Gemma 4 models, LoRA and
+training, on CPU.
 
-Used by the demo, the tests and the benchmarks. The models are real Tunix
-`Gemma4` instances (local/global layers with different head dims, MQA,
-per-layer embeddings, KV sharing), LoRA is real qwix LoRA, and training is
-real Tunix `PeftTrainer` steps; only the sizes are small.
+Not part of the public API (no stability promise). Used by the tests, the
+benchmarks and `gemma4-jax demo`; `gemma4-jax fit` takes Tunix's SFT loss
+and model inputs from here (`sft_loss`, `model_inputs`). The models are
+real Tunix `Gemma4` instances (local/global layers with different head
+dims, MQA, per-layer embeddings, KV sharing), LoRA is real qwix LoRA, and
+training is real Tunix `PeftTrainer` steps; only the sizes are small.
+Depends on jax, numpy, flax, Tunix, qwix and optax (all in the package's
+dependencies); orbax is imported only to write training checkpoints.
 """
 
 from __future__ import annotations

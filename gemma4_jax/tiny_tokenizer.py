@@ -7,6 +7,9 @@ the tests complete Hugging Face checkpoints: `<pad>` 0, `<eos>` 1, `<bos>`
 every other id `i` as the word `w{i}`. Words are split on whitespace, so
 the turn format's newlines are not tokens here; everything else about the
 format is.
+
+Test support, not part of the public API: used by the tests and
+`gemma4-jax demo`. Depends on `tokenizers` (imported when called).
 """
 
 from __future__ import annotations

@@ -11,9 +11,11 @@ int)`; a number argument given a bool is refused here rather than used as 1.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
+from typing import Callable
 
 import numpy as np
 
@@ -35,6 +37,18 @@ def check_array(name: str, value, *, what: str = "an array") -> None:
                     f"got {type(value).__name__}; convert it with "
                     f"jnp.asarray first")
 
+
+
+def check_floating(name: str, value, *, ndim: int, form: str) -> None:
+  """An array of `ndim` dims and a floating dtype; `form` names the shape
+  expected in the message (e.g. `"4-D ([B,T,N,H])"`, `"[B, T, D]"`)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  check_array(name, value)
+  if getattr(value, "ndim", None) != ndim:
+    raise ValueError(f"{name} must be {form}, got shape "
+                     f"{getattr(value, 'shape', type(value).__name__)}")
+  if not jnp.issubdtype(value.dtype, jnp.floating):
+    raise TypeError(f"{name} must be floating, got {value.dtype}")
 
 def check_bool(name: str, value) -> None:
   if not isinstance(value, (bool, np.bool_)):
@@ -113,6 +127,18 @@ def check_mesh(op: str, mesh) -> None:
 def has_empty_dim(*shapes) -> bool:
   return any(0 in tuple(shape) for shape in shapes)
 
+
+
+def load_json(path: str | os.PathLike,
+              error: Callable[[Exception], Exception]):
+  """The JSON value in the file `path`. A file that is not valid JSON (or
+  not UTF-8) raises `error(e)` with the parser's exception `e`, so that each
+  caller names the file and what it is in its own words."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise error(e) from None
 
 def json_object(value, where: str) -> dict:
   """`value` parsed from a JSON file must be an object (a dict)."""

@@ -1,4 +1,4 @@
-"""Patches Tunix (and later qwix) to run Gemma 4 on gemma4_jax ops.
+"""Patches Tunix and qwix to run Gemma 4 on gemma4_jax ops.
 
 ```python
 import gemma4_jax.patches as patches
@@ -9,16 +9,17 @@ patches.revert()              # originals back (the same function objects)
 print(patches.status())       # what can be patched here, what is
 ```
 
-One flag per feature. `attention` patches Tunix Gemma 4 `Attention.block`
-(see `tunix_attention`), `ple` its `Embedder.encode_per_layer_input` (see
+One flag per feature. `attention` patches Tunix Gemma 4 `Attention.block` (see
+`tunix_attention`), `ple` its `Embedder.encode_per_layer_input` (see
 `tunix_ple`; `ple="host"` reads a host-resident table), `lora` qwix's LoRA
 interceptor (see `qwix_lora`), `loss` Tunix's default SFT loss (see
-`tunix_loss`; in Tunix main also its `peft_trainer_v2`'s), `mask` Tunix's causal padding mask (see `tunix_mask`) and
-`remat` each decoder layer's remat policy (see `tunix_remat`; off unless a
-policy is named). `share_layer_code` adds XLA:TPU's
-`--xla_tpu_enable_deduplicated_calls=true` to `LIBTPU_INIT_ARGS`, without
-which the step with the Pallas kernels keeps one copy of code per layer (see
-`tpu_compiler`; call `apply()` before the first JAX computation).
+`tunix_loss`; in Tunix main also its `peft_trainer_v2`'s), `mask` Tunix's
+causal padding mask (see `tunix_mask`) and `remat` each decoder layer's remat
+policy (see `tunix_remat`; off unless a policy is named). `share_layer_code`
+adds XLA:TPU's `--xla_tpu_enable_deduplicated_calls=true` to
+`LIBTPU_INIT_ARGS`, without which the step with the Pallas kernels keeps one
+copy of code per layer (see `tpu_compiler`; call `apply()` before the first
+JAX computation).
 
 `apply()` is idempotent, checks every target before touching any (installed
 version against the tested ones, presence and signature of each attribute it
@@ -30,6 +31,19 @@ set to False reverts that feature. An installed version that was never tested
 but passes every check is patched with a `UserWarning`. Importing this
 package patches nothing. Functions jitted before `apply()` keep the code they
 were traced with.
+
+Each patch module has the same shape. First its target spec, `SPEC`
+(`_framework.PatchSpec`), declarative data: the attribute it replaces, the
+distribution, and per known layout of that library (google-tunix 0.1.7,
+Tunix main) the module holding the attribute, its exact parameters and what
+else the replacement relies on there; then `targets()`, the spec as found
+here bound to the replacement. Below that, apart from the spec, the
+restated library code: the replacement built from the original
+(`(original, options, layout) -> replacement`) and its helpers. `apply()`
+checks and installs what each module's `targets()` gives (`_framework`).
+`tpu_compiler` patches an environment variable, not an attribute: its
+`SPEC` is a `_framework.EnvironmentSpec`, requested after the attribute
+patches under the same lock.
 """
 
 from __future__ import annotations
@@ -55,24 +69,20 @@ from gemma4_jax.patches._framework import TargetStatus
 __all__ = ["apply", "revert", "applied", "status", "PatchReport", "Status",
            "TargetChangedError", "TargetReport", "TargetStatus"]
 
-# feature flag -> function returning its target or a tuple of targets (those
-# present in the installed layout), or None while gemma4_jax has no patch for
-# that feature.
-_TARGETS = {
-    "attention": tunix_attention.target,
-    "ple": tunix_ple.target,
-    "lora": qwix_lora.target,
-    "loss": tunix_loss.targets,
-    "mask": tunix_mask.target,
-    "remat": tunix_remat.target,
-}
+# apply() flag -> the module patching it (its `SPEC` and `targets()`), in
+# flag order.
+_PATCHES = {module.SPEC.feature: module for module in (
+    tunix_attention, tunix_ple, qwix_lora, tunix_loss, tunix_mask,
+    tunix_remat)}
 # `Target.ops` name -> the `ops.AVAILABLE` entry whose choice it follows
 # (None: one XLA fusion on every platform, no choice).
 _OP_CHOICE = {"attention": "attention", "ple_lookup": "ple_lookup",
               "combine_per_layer_inputs": None, "lora_einsum": "lora_matmul",
               "softcapped_cross_entropy": "softcapped_cross_entropy"}
-_NO_PATCH_YET = "gemma4_jax has no patch for this feature yet"
 PLE_HOST = "host"  # apply(ple="host"): the PLE table stays in host memory
+# A feature -> the feature it needs: the compact mask is only read by the
+# patched attention.
+_NEEDS = {"mask": "attention"}
 
 
 def apply(*, attention: bool = True, ple: bool | str = True, lora: bool = True,
@@ -93,7 +103,6 @@ def apply(*, attention: bool = True, ple: bool | str = True, lora: bool = True,
       for what stays on qwix's path; the report names it).
     loss: compute PeftTrainer's default loss on Gemma 4 with
       `gemma4_jax.ops.softcapped_cross_entropy` (no logits materialized).
-      reported as not available.
     mask: Tunix's `make_causal_attn_mask` returns a `[B, T]`
       `masks.CausalPaddingMask` instead of the `[B, T, T]` array (see
       `tunix_mask`); needs `attention`, else left stock.
@@ -122,62 +131,89 @@ def apply(*, attention: bool = True, ple: bool | str = True, lora: bool = True,
       a known name or the op lacks it.
     TargetChangedError: a target changed; nothing was patched.
   """
-  if not (isinstance(ple, bool) or ple == PLE_HOST):
-    raise ValueError(f"ple must be True, False or {PLE_HOST!r}, got {ple!r}")
-  ple_host, ple = ple == PLE_HOST, bool(ple)
-  if remat is not None:
-    tunix_remat.policy(remat)  # raises naming the policies
-  flags = {"attention": attention, "ple": ple, "lora": lora, "loss": loss,
-           "mask": mask}
-  for name, value in {**flags, "interpret": interpret,
-                      "share_layer_code": share_layer_code}.items():
-    if not isinstance(value, bool):
-      raise TypeError(f"{name} must be a bool, got {value!r}")
-  flags["remat"] = remat is not None
-  # The compact mask is only read by the patched attention.
-  needs = {"mask": "attention"}
+  flags, ple_host = _checked_flags(attention, ple, lora, loss, mask, remat,
+                                   interpret, share_layer_code)
   resolved = _resolve_implementation(implementation, interpret,
                                      "attention" if attention or not ple
                                      else "ple_lookup")
   options = _framework.OpOptions(implementation, interpret, ple_host, remat)
   with _framework.LOCK:
-    plan, reports = [], []
-    for feature, enabled in flags.items():
-      if not enabled:
-        reports.append(TargetReport(
-            feature, None, _framework.SKIPPED,
-            "remat=None" if feature == "remat" else f"{feature}=False"))
-      elif feature in needs and not flags[needs[feature]]:
-        reports.append(TargetReport(
-            feature, None, _framework.SKIPPED,
-            f"needs the {needs[feature]} patch ({needs[feature]}=False)"))
-      elif _TARGETS[feature] is None:
-        reports.append(TargetReport(feature, None, _framework.NOT_AVAILABLE,
-                                    _NO_PATCH_YET))
-      else:
-        for target in _targets(feature):
-          known = _framework.check(target)
-          plan.append(target)
-          version = _framework.installed_version(target.distribution)
-          reports.append(TargetReport(
-              feature, target.name, _framework.PATCHED,
-              f"{target.distribution} {version}"
-              f"{f', {target.known_layout} layout' if target.known_layout else ''}"
-              f"{'' if known else ', untested version'}"
-              f"{'; ' + target.note if target.note else ''}",
-              runs=_runs(target, options), stock=target.stock))
-    _framework.install(tuple(plan), options)
-    if share_layer_code:
-      compiler = tpu_compiler.request()
-    else:
-      tpu_compiler.restore()
-      compiler = "share_layer_code=False"
+    plan, reports = _plan(flags, options)
+    _framework.install(plan, options)
+    compiler = _share_layer_code(share_layer_code)
   return PatchReport(
-      targets=tuple(reports), implementation=implementation,
+      targets=reports, implementation=implementation,
       resolved_implementation=resolved,
       tunix_version=_framework.installed_version("google-tunix"),
       qwix_version=_framework.installed_version("qwix"), interpret=interpret,
       tpu_compiler=compiler)
+
+
+def _checked_flags(attention, ple, lora, loss, mask, remat, interpret,
+                   share_layer_code) -> tuple[dict[str, bool], bool]:
+  """`apply()`'s arguments checked, before anything changes: (feature ->
+  enabled, in flag order; whether the PLE table is host-resident)."""
+  if not (isinstance(ple, bool) or ple == PLE_HOST):
+    raise ValueError(f"ple must be True, False or {PLE_HOST!r}, got {ple!r}")
+  ple_host = ple == PLE_HOST
+  if remat is not None:
+    tunix_remat.policy(remat)  # raises naming the policies
+  flags = {"attention": attention, "ple": bool(ple), "lora": lora,
+           "loss": loss, "mask": mask}
+  for name, value in {**flags, "interpret": interpret,
+                      "share_layer_code": share_layer_code}.items():
+    if not isinstance(value, bool):
+      raise TypeError(f"{name} must be a bool, got {value!r}")
+  flags["remat"] = remat is not None
+  return flags, ple_host
+
+
+def _plan(flags: dict[str, bool], options: _framework.OpOptions
+          ) -> tuple[tuple[_framework.Target, ...], tuple[TargetReport, ...]]:
+  """The targets to patch for `flags`, every one checked, and the report of
+  each feature (call with the lock held).
+
+  Raises:
+    TargetChangedError: a target changed (nothing is patched yet).
+  """
+  plan, reports = [], []
+  for feature, enabled in flags.items():
+    needs = _NEEDS.get(feature)
+    if not enabled:
+      reports.append(TargetReport(
+          feature, None, _framework.SKIPPED,
+          "remat=None" if feature == "remat" else f"{feature}=False"))
+    elif needs and not flags[needs]:
+      reports.append(TargetReport(
+          feature, None, _framework.SKIPPED,
+          f"needs the {needs} patch ({needs}=False)"))
+    else:
+      for target in _PATCHES[feature].targets():
+        known = _framework.check(target)
+        plan.append(target)
+        reports.append(_patched_report(target, known, options))
+  return tuple(plan), tuple(reports)
+
+
+def _patched_report(target: _framework.Target, known: bool,
+                    options: _framework.OpOptions) -> TargetReport:
+  version = _framework.installed_version(target.distribution)
+  return TargetReport(
+      target.feature, target.name, _framework.PATCHED,
+      f"{target.distribution} {version}"
+      f"{f', {target.known_layout} layout' if target.known_layout else ''}"
+      f"{'' if known else ', untested version'}"
+      f"{'; ' + target.note if target.note else ''}",
+      runs=_runs(target, options), stock=target.stock)
+
+
+def _share_layer_code(enabled: bool) -> str:
+  """The environment patch (`tpu_compiler.SPEC`) requested, or the variable
+  put back (call with the lock held); returns the report's line."""
+  if enabled:
+    return tpu_compiler.request()
+  tpu_compiler.restore()
+  return f"{tpu_compiler.SPEC.feature}=False"
 
 
 def revert() -> tuple[str, ...]:
@@ -220,34 +256,16 @@ def status() -> Status:
   with _framework.LOCK:
     in_place = {a.target.name: a for a in _framework.active()}
     rows = []
-    for feature, make_target in _TARGETS.items():
-      if make_target is None:
-        rows.append(TargetStatus(feature, None, available=False,
-                                 patched=False, version=None,
-                                 version_known=False, reason=_NO_PATCH_YET))
-        continue
+    for feature, patch in _PATCHES.items():
       try:
-        targets = _targets(feature)
+        targets = patch.targets()
       except TargetChangedError as e:  # no known layout of the library
         rows.append(TargetStatus(feature, None, available=False,
                                  patched=False, version=None,
                                  version_known=False, reason=str(e)))
         continue
-      for target in targets:
-        available, known, reason = False, False, ""
-        try:
-          known = _framework.check(target, warn=False)
-          available = True
-          if not known:
-            reason = ("untested version: "
-                      f"known to work: {target.known_to_work}")
-        except TargetChangedError as e:
-          reason = str(e)
-        rows.append(TargetStatus(
-            feature, target.name, available=available,
-            patched=target.name in in_place,
-            version=_framework.installed_version(target.distribution),
-            version_known=known, reason=reason))
+      rows.extend(_target_status(target, target.name in in_place)
+                  for target in targets)
     implementation = next(
         (a.options.implementation for a in in_place.values()), None)
   return Status(targets=tuple(rows), implementation=implementation,
@@ -255,9 +273,19 @@ def status() -> Status:
                 qwix_version=_framework.installed_version("qwix"))
 
 
-def _targets(feature: str) -> tuple[_framework.Target, ...]:
-  made = _TARGETS[feature]()
-  return made if isinstance(made, tuple) else (made,)
+def _target_status(target: _framework.Target, patched: bool) -> TargetStatus:
+  available, known, reason = False, False, ""
+  try:
+    known = _framework.check(target, warn=False)
+    available = True
+    if not known:
+      reason = f"untested version: known to work: {target.known_to_work}"
+  except TargetChangedError as e:
+    reason = str(e)
+  return TargetStatus(
+      target.feature, target.name, available=available, patched=patched,
+      version=_framework.installed_version(target.distribution),
+      version_known=known, reason=reason)
 
 
 def _runs(target: _framework.Target,

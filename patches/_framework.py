@@ -1,10 +1,16 @@
-"""Patch machinery: targets, checks, install/restore under a lock, reports.
+"""Patch machinery: target specs, checks, install/restore under a lock,
+reports.
 
-A `Target` names one attribute to replace (`module:Owner.attribute`), the
-distribution that ships it, the versions known to work and the
-`Requirement`s its replacement relies on. `check` verifies a target against
-what is installed without changing anything; `install` makes the set of
-active patches exactly a given plan, all-or-nothing.
+A patch declares its targets in a `PatchSpec`: the attribute it replaces
+(`Owner.attribute`), the distribution that ships it, and the `Layout`s of
+that library it was tested on, each naming the module that holds the
+attribute, the attribute's exact parameters and the other `Requirement`s the
+replacement relies on there. `PatchSpec.targets` finds the layout installed
+here and gives one `Target` per module to patch; `check` verifies a target
+against what is installed without changing anything; `install` makes the
+set of active patches exactly a given plan, all-or-nothing. A patch of an
+environment variable rather than an attribute declares an
+`EnvironmentSpec`.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import warnings
 
 PATCHED = "patched"
 SKIPPED = "skipped"
-NOT_AVAILABLE = "not available"
 
 LOCK = threading.Lock()
 
@@ -57,22 +62,158 @@ class Requirement:
   """Something a replacement relies on in the target library.
 
   Attributes:
-    module: the module to look in.
+    module: the module to look in; None in a `Layout`'s requirements: the
+      module being patched.
     attribute: dotted path inside `module` ("Attention.block"); a dataclass
       field counts as present.
     parameters: if set, the exact parameter names of its signature.
     names: if set, names its code must use (`co_names`): how attributes that
       `__init__` stores on `self` are checked without building an instance.
+    takes: parameter names its signature must include (others may follow).
+    unless: when this other requirement holds, this one is not needed (a
+      path the replacement takes only on one layout of the same module).
   """
-  module: str
+  module: str | None
   attribute: str
   parameters: tuple[str, ...] | None = None
   names: tuple[str, ...] = ()
+  takes: tuple[str, ...] = ()
+  unless: Requirement | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """One layout of the target library that a patch was tested on.
+
+  Attributes:
+    name: how messages name it ("google-tunix 0.1.7", "Tunix main
+      c7d8950f").
+    module: the module holding the replaced attribute.
+    parameters: the exact parameter names of the replaced attribute here
+      (None: not checked).
+    requirements: what else the replacement relies on here; one whose
+      `module` is None is looked up in the module being patched.
+    known_versions: versions of the distribution tested with this layout.
+    known_by_layout: found here, this layout counts as tested whatever the
+      installed version string says (Tunix main is imported over
+      google-tunix 0.1.7's metadata; see `Target.known_layout`).
+    found_by: an attribute of `module` that tells this layout apart from the
+      next ones; None: the layout is taken as it is, and its requirements
+      report what is missing.
+    copies: modules holding their own copy of the attribute, patched too
+      where they exist (Tunix main's `peft_trainer_v2` loss).
+    where: the "Known to work" text after `name` (default: `module`).
+  """
+  name: str
+  module: str
+  parameters: tuple[str, ...] | None = None
+  requirements: tuple[Requirement, ...] = ()
+  known_versions: tuple[str, ...] = ()
+  known_by_layout: bool = False
+  found_by: str | None = None
+  copies: tuple[str, ...] = ()
+  where: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchSpec:
+  """One patch's declarative target spec: what it replaces, and where.
+
+  Attributes:
+    feature: the `apply()` flag that enables it ("attention").
+    distribution: the PyPI distribution shipping the target.
+    attribute: "Owner.name" or "name", replaced in the layout's module.
+    layouts: the layouts the patch was tested on, tried in order: the first
+      one found here is patched.
+    ops: the `gemma4_jax.ops` functions the replacement calls.
+    note: appended to the report's reason when patched ("" for none).
+    stock: what the replacement leaves on the library's own path, and why.
+  """
+  feature: str
+  distribution: str
+  attribute: str
+  layouts: tuple[Layout, ...]
+  ops: tuple[str, ...] = ()
+  note: str = ""
+  stock: str = ""
+
+  @property
+  def known_to_work(self) -> str:
+    """For messages: every layout's name and module."""
+    return "; ".join(f"{layout.name} ({layout.where or layout.module})"
+                     for layout in self.layouts)
+
+  def detect_layout(self) -> Layout:
+    """The first of `layouts` found here.
+
+    Raises:
+      TargetChangedError: the library is not installed or none of the
+        modules has what tells its layout apart.
+    """
+    for layout in self.layouts:
+      if layout.found_by is None or _has(layout.module, layout.found_by):
+        return layout
+    owner = " or ".join(dict.fromkeys(layout.found_by
+                                      for layout in self.layouts))
+    raise TargetChangedError(
+        f"gemma4_jax.patches cannot patch {self.feature}: none of "
+        f"{', '.join(layout.module for layout in self.layouts)} has {owner} "
+        f"({self.distribution} {installed_version(self.distribution)}). "
+        f"Known to work: {self.known_to_work}. Nothing was patched.")
+
+  def targets(self, make_replacement: Callable) -> tuple[Target, ...]:
+    """The targets in the layout found here: its module, then each of its
+    `copies` that exists.
+
+    Args:
+      make_replacement: `(original, options: OpOptions, layout: Layout) ->
+        replacement`, the patch's restated code.
+    """
+    layout = self.detect_layout()
+    modules = (layout.module,) + tuple(
+        module for module in layout.copies if module_exists(module))
+
+    def bound(original, options):
+      return make_replacement(original, options, layout)
+
+    return tuple(Target(
+        feature=self.feature, module=module, attribute=self.attribute,
+        distribution=self.distribution, known_versions=layout.known_versions,
+        known_to_work=self.known_to_work,
+        requirements=tuple(_in_module(module, requirement) for requirement in (
+            Requirement(None, self.attribute, parameters=layout.parameters),
+            *layout.requirements)),
+        make_replacement=bound,
+        known_layout=layout.name if layout.known_by_layout else None,
+        note=self.note, ops=self.ops, stock=self.stock) for module in modules)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvironmentSpec:
+  """A patch of a process environment variable rather than an attribute.
+
+  Attributes:
+    feature: the `apply()` flag that enables it.
+    variable: the environment variable ("LIBTPU_INIT_ARGS").
+    flag: the flag added to it, unless the variable names it already.
+    value: the flag's value.
+    effect: what the flag does, for the report.
+  """
+  feature: str
+  variable: str
+  flag: str
+  value: str
+  effect: str
+
+  @property
+  def argument(self) -> str:
+    return f"--{self.flag}={self.value}"
 
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-  """One attribute to replace, as found in the installed library.
+  """One attribute to replace, as found in the installed library
+  (`PatchSpec.targets`).
 
   Attributes:
     feature: the `apply()` flag that enables it ("attention").
@@ -114,8 +255,8 @@ class Target:
 class TargetReport:
   """What `apply()` did with one target of a feature.
 
-  `state` is "patched", "skipped" (its flag was False) or "not available"
-  (gemma4_jax has no patch for it yet); `target` is None in the last case.
+  `state` is "patched" or "skipped" (its flag was False, or the patch it
+  needs is off); `target` is None when skipped.
   A feature with several targets (the loss: Tunix's `PeftTrainer` and, where
   it exists, its `peft_trainer_v2`) has one report per target.
 
@@ -138,7 +279,7 @@ class PatchReport:
 
   Attributes:
     targets: one entry per target, features in flag order (a feature that
-      is off or has no patch: one entry with no target).
+      is off: one entry with no target).
     implementation: the `implementation` passed to `apply()`.
     resolved_implementation: what `gemma4_jax.ops.attention` runs with for
       that choice, e.g. "pallas_tpu on TPU, xla elsewhere" for None.
@@ -181,8 +322,8 @@ class TargetStatus:
 
   Attributes:
     feature: the `apply()` flag.
-    target: `module:attribute`, or None when no patch exists or no known
-      layout of the library was found.
+    target: `module:attribute`, or None when no known layout of the library
+      was found.
     available: `apply()` would patch it here (its checks pass).
     patched: it is patched now.
     version: installed version of the target's distribution.
@@ -223,53 +364,32 @@ class Status:
     return "\n".join(lines)
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """Where one version of a library keeps what a patch replaces.
-
-  Attributes:
-    module: the module holding the target class.
-    config_module: the module holding its config dataclasses.
-    known_versions: installed version strings this layout was tested at.
-    description: for messages.
-    known_layout: set when this layout, whatever the installed version
-      string, is what was tested (Tunix main is imported over google-tunix
-      0.1.7's metadata; see `Target.known_layout`).
-  """
-  module: str
-  config_module: str
-  known_versions: tuple[str, ...]
-  description: str
-  known_layout: str | None = None
+def _in_module(module: str, requirement: Requirement) -> Requirement:
+  """`requirement` with `module` wherever it names none."""
+  unless = requirement.unless and _in_module(module, requirement.unless)
+  return dataclasses.replace(requirement, module=requirement.module or module,
+                             unless=unless)
 
 
-def describe_known(distribution: str, layouts) -> str:
-  """`Target.known_to_work` text for a patch's layouts: each one's layout
-  name or versions, and its module."""
-  return "; ".join(
-      f"{layout.known_layout or distribution + ' ' + ', '.join(layout.known_versions)}"
-      f" ({layout.module})" for layout in layouts)
+def _has(module: str, attribute: str) -> bool:
+  try:
+    return importlib.util.find_spec(module) is not None and hasattr(
+        importlib.import_module(module), attribute)
+  except ImportError:  # a parent package is missing
+    return False
 
 
-def find_layout(feature: str, distribution: str, layouts, owner: str):
-  """The first of `layouts` whose module imports here and defines `owner`.
+def module_exists(module: str) -> bool:
+  """`module` can be found here (without importing it)."""
+  try:
+    return importlib.util.find_spec(module) is not None
+  except ImportError:  # a parent package is missing (google-tunix 0.1.7)
+    return False
 
-  Raises:
-    TargetChangedError: the library is not installed or none of the
-      modules has `owner`.
-  """
-  for layout in layouts:
-    try:
-      if importlib.util.find_spec(layout.module) is not None and hasattr(
-          importlib.import_module(layout.module), owner):
-        return layout
-    except ImportError:  # a parent package is missing
-      continue
-  raise TargetChangedError(
-      f"gemma4_jax.patches cannot patch {feature}: none of "
-      f"{', '.join(layout.module for layout in layouts)} has {owner} "
-      f"({distribution} {installed_version(distribution)}). Known to work: "
-      f"{describe_known(distribution, layouts)}. Nothing was patched.")
+
+def holds(requirement: Requirement) -> bool:
+  """Whether `requirement` holds here."""
+  return _problem(requirement) is None
 
 
 def installed_version(distribution: str) -> str | None:
@@ -310,6 +430,8 @@ def check(target: Target, *, warn: bool = True) -> bool:
 
 def _problem(requirement: Requirement) -> str | None:
   """Describes what is wrong with `requirement` here, or None."""
+  if requirement.unless is not None and holds(requirement.unless):
+    return None
   try:
     obj = importlib.import_module(requirement.module)
   except ImportError as e:
@@ -325,14 +447,17 @@ def _problem(requirement: Requirement) -> str | None:
       return None
     return (f"{requirement.module}.{'.'.join(parts[:depth + 1])} is missing")
   where = f"{requirement.module}.{requirement.attribute}"
-  if requirement.parameters is not None:
+  if requirement.parameters is not None or requirement.takes:
     try:
       parameters = tuple(inspect.signature(obj).parameters)
     except (TypeError, ValueError):
       return f"{where} has no inspectable signature"
-    if parameters != requirement.parameters:
+    if requirement.parameters not in (None, parameters):
       return (f"{where} takes ({', '.join(parameters)}), expected "
               f"({', '.join(requirement.parameters)})")
+    missing = [p for p in requirement.takes if p not in parameters]
+    if missing:
+      return f"{where} takes no {', '.join(missing)}"
   if requirement.names:
     used = set(getattr(getattr(obj, "__code__", None), "co_names", ()))
     missing = [n for n in requirement.names if n not in used]

@@ -21,7 +21,7 @@ A QLoRA base that qwix quantized to per-channel symmetric int8
 per-channel scales and dequantizes each tile in VMEM (the call that first
 quantizes the weight stays on qwix).
 
-These stay on qwix's own path (`STOCK`, also in the report):
+These stay on qwix's own path (`SPEC.stock`, also in the report):
 - LoRA dropout > 0 (qwix draws the mask from the model's rngs);
 - other quantized bases (int4, nf4, asymmetric or subchannel-tiled int8)
   and activation quantization (`act_qtype`);
@@ -42,82 +42,89 @@ import jax
 import jax.numpy as jnp
 
 from gemma4_jax import implementations
+from gemma4_jax import mesh as mesh_lib
 from gemma4_jax import ops
-from gemma4_jax.kernels.lora import common
-from gemma4_jax.kernels.lora import sharding as lora_sharding
+from gemma4_jax.ops import lora as lora_op
 from gemma4_jax.patches import _framework
 
-FEATURE = "lora"
-DISTRIBUTION = "qwix"
-KNOWN_VERSIONS = ("0.1.8",)
-KNOWN_TO_WORK = "qwix 0.1.8 (qwix._src.providers.lora)"
-ROUTING_NOTE = ("qwix LoRA einsum/dot_general run ops.lora_einsum (int8 "
-                "per-channel QLoRA base included)")
-STOCK = ("on qwix's own path: dropout > 0 (qwix draws the mask), other "
-         "weight_qtype (int4/nf4/tiled), act_qtype, "
-         "einsums with a shared uncontracted axis (MoE expert einsums), "
-         "non-default precision/preferred_element_type/out_sharding")
 _LORA = "qwix._src.providers.lora"
 _QCONFIG = "qwix._src.qconfig"
 _FLAX_UTIL = "qwix._src.utils.flax_util"
 _PTQ = "qwix._src.providers.ptq"
 
+SPEC = _framework.PatchSpec(
+    feature="lora", distribution="qwix",
+    attribute="LoraProvider.get_intercept_map",
+    layouts=(_framework.Layout(
+        name="qwix 0.1.8", module=_LORA, parameters=("self",),
+        known_versions=("0.1.8",),
+        # What the routed calls use of qwix, to do exactly what its own
+        # einsum and dot_general do around the matmuls.
+        requirements=(
+            _framework.Requirement(
+                None, "LoraProvider.einsum",
+                parameters=("self", "einsum_str", "operands", "kwargs"),
+                names=("_get_current_rule_and_op_id", "find_param",
+                       "_parse_einsum_str_for_lora",
+                       "_get_or_create_lora_params", "dropout", "alpha",
+                       "rank")),
+            _framework.Requirement(
+                None, "LoraProvider.dot_general",
+                parameters=("self", "lhs", "rhs", "dimension_numbers",
+                            "precision", "preferred_element_type",
+                            "out_sharding"),
+                names=("_get_current_rule_and_op_id", "find_param",
+                       "_create_lora_layer_shapes",
+                       "_get_or_create_lora_params")),
+            _framework.Requirement(
+                None, "_parse_einsum_str_for_lora",
+                parameters=("lhs_shape", "rhs_shape", "einsum_str",
+                            "lora_rank")),
+            _framework.Requirement(
+                None, "_create_lora_layer_shapes",
+                parameters=("rhs_ca", "rhs_ba", "rhs_ra", "contract_shape",
+                            "batch_shape", "remain_shape", "rank")),
+            _framework.Requirement(
+                None, "_get_or_create_lora_params",
+                parameters=("name", "rule", "a_shape", "b_shape",
+                            "a_sharding_transpose", "b_sharding_transpose")),
+            *(_framework.Requirement(None, f"LoraRule.{field}")
+              for field in ("rank", "alpha", "dropout")),
+            *(_framework.Requirement(_QCONFIG, f"QuantizationRule.{field}")
+              for field in ("module_path", "op_names", "weight_qtype")),
+            _framework.Requirement(
+                _QCONFIG, "QuantizationProvider._get_current_rule_and_op_id",
+                parameters=("self", "op_name", "only_rule", "repeated_call")),
+            _framework.Requirement(_QCONFIG, "QuantizationProvider.__init__",
+                                   names=("_rules",)),
+            _framework.Requirement(_FLAX_UTIL, "find_param",
+                                   parameters=("x", "ptq_array_type")),
+            _framework.Requirement(_FLAX_UTIL, "get_current_module",
+                                   parameters=()),
+            _framework.Requirement(_FLAX_UTIL, "get_current_module_path",
+                                   parameters=()),
+            _framework.Requirement(_PTQ, "WithAux"),
+        )),),
+    ops=("lora_einsum",),
+    note=("qwix LoRA einsum/dot_general run ops.lora_einsum (int8 "
+          "per-channel QLoRA base included)"),
+    stock=("on qwix's own path: dropout > 0 (qwix draws the mask), other "
+           "weight_qtype (int4/nf4/tiled), act_qtype, "
+           "einsums with a shared uncontracted axis (MoE expert einsums), "
+           "non-default precision/preferred_element_type/out_sharding"))
 
-def target() -> _framework.Target:
-  """The `LoraProvider.get_intercept_map` target of qwix."""
-  requirements = (
-      _framework.Requirement(_LORA, "LoraProvider.get_intercept_map",
-                             parameters=("self",)),
-      _framework.Requirement(
-          _LORA, "LoraProvider.einsum",
-          parameters=("self", "einsum_str", "operands", "kwargs"),
-          names=("_get_current_rule_and_op_id", "find_param",
-                 "_parse_einsum_str_for_lora", "_get_or_create_lora_params",
-                 "dropout", "alpha", "rank")),
-      _framework.Requirement(
-          _LORA, "LoraProvider.dot_general",
-          parameters=("self", "lhs", "rhs", "dimension_numbers", "precision",
-                      "preferred_element_type", "out_sharding"),
-          names=("_get_current_rule_and_op_id", "find_param",
-                 "_create_lora_layer_shapes", "_get_or_create_lora_params")),
-      _framework.Requirement(
-          _LORA, "_parse_einsum_str_for_lora",
-          parameters=("lhs_shape", "rhs_shape", "einsum_str", "lora_rank")),
-      _framework.Requirement(
-          _LORA, "_create_lora_layer_shapes",
-          parameters=("rhs_ca", "rhs_ba", "rhs_ra", "contract_shape",
-                      "batch_shape", "remain_shape", "rank")),
-      _framework.Requirement(
-          _LORA, "_get_or_create_lora_params",
-          parameters=("name", "rule", "a_shape", "b_shape",
-                      "a_sharding_transpose", "b_sharding_transpose")),
-      *(_framework.Requirement(_LORA, f"LoraRule.{field}")
-        for field in ("rank", "alpha", "dropout")),
-      *(_framework.Requirement(_QCONFIG, f"QuantizationRule.{field}")
-        for field in ("module_path", "op_names", "weight_qtype")),
-      _framework.Requirement(
-          _QCONFIG, "QuantizationProvider._get_current_rule_and_op_id",
-          parameters=("self", "op_name", "only_rule", "repeated_call")),
-      _framework.Requirement(_QCONFIG, "QuantizationProvider.__init__",
-                             names=("_rules",)),
-      _framework.Requirement(_FLAX_UTIL, "find_param",
-                             parameters=("x", "ptq_array_type")),
-      _framework.Requirement(_FLAX_UTIL, "get_current_module",
-                             parameters=()),
-      _framework.Requirement(_FLAX_UTIL, "get_current_module_path",
-                             parameters=()),
-      _framework.Requirement(_PTQ, "WithAux"),
-  )
-  return _framework.Target(
-      feature=FEATURE, module=_LORA,
-      attribute="LoraProvider.get_intercept_map", distribution=DISTRIBUTION,
-      known_versions=KNOWN_VERSIONS, known_to_work=KNOWN_TO_WORK,
-      requirements=requirements, make_replacement=_make_get_intercept_map,
-      note=ROUTING_NOTE, ops=("lora_einsum",), stock=STOCK)
+
+def targets() -> tuple[_framework.Target, ...]:
+  """`SPEC` in the installed qwix, replaced by the routing below."""
+  return SPEC.targets(_make_get_intercept_map)
 
 
-def _make_get_intercept_map(original, options: _framework.OpOptions):
-  qwix = _Qwix()
+# qwix's LoRA einsum and dot_general, restated around `ops.lora_einsum`.
+
+
+def _make_get_intercept_map(original, options: _framework.OpOptions,
+                            layout: _framework.Layout):
+  qwix = _Qwix(layout.module)
 
   def get_intercept_map(self):
     mapping = original(self)
@@ -136,8 +143,8 @@ def _make_get_intercept_map(original, options: _framework.OpOptions):
 class _Qwix:
   """The qwix modules the routed calls use (imported at patch time)."""
 
-  def __init__(self):
-    self.lora = importlib.import_module(_LORA)
+  def __init__(self, lora_module: str):
+    self.lora = importlib.import_module(lora_module)
     self.flax_util = importlib.import_module(_FLAX_UTIL)
     self.ptq = importlib.import_module(_PTQ)
 
@@ -198,8 +205,8 @@ def _routable(provider, qwix, op_name, lhs, rhs, options, kwargs,
                                  ops.AVAILABLE["lora_matmul"],
                                  interpret=options.interpret)
   # A forced kernel cannot take this dtype (the default runs XLA for it).
-  if name == implementations.PALLAS_TPU and jnp.dtype(dtype) not in (
-      common.KERNEL_DTYPES):
+  if (name == implementations.PALLAS_TPU and
+      not lora_op.kernel_takes(dtype)):
     return False
   return qwix.flax_util.find_param(rhs, qwix.ptq.WithAux) is not None
 
@@ -278,7 +285,7 @@ def _run(qwix, equation, lhs, rhs, lora_a, lora_b, rule, weight_name,
   else:
     dtype = jnp.result_type(lhs, rhs, lora_a, lora_b)
     rhs = rhs.astype(dtype)
-  mesh, w_axes = lora_sharding.current_mesh(), None
+  mesh, w_axes = mesh_lib.in_context(), None
   if mesh is not None:
     w_axes = _weight_axes(qwix, weight_name, rhs.ndim)
     if w_axes is None:  # unknown layout: one unsharded call, as GSPMD would

@@ -12,12 +12,12 @@ the kernels do not need. With the option on, the kernels' step shares too
 (139 MiB) and needs the least HBM of the three (8.04 GiB per chip, against
 8.13 with the XLA versions and 10.07 stock).
 
-The option is read once, when libtpu starts (the first TPU computation, or
-the first abstract TPU topology), from `LIBTPU_INIT_ARGS`; `jax.jit(...,
-compiler_options=compiler_options())` gives it to one program compiled for
-TPU instead. `apply()` adds it to `LIBTPU_INIT_ARGS` unless the flag is there already
-(the user's value wins); when the TPU backend has already started, it can
-only warn. Setting it on a machine without libtpu does nothing.
+The option is read once, when libtpu starts (the first TPU computation, or the
+first abstract TPU topology), from `LIBTPU_INIT_ARGS`; `jax.jit(...,
+compiler_options=compiler_options())` gives it to one program compiled for TPU
+instead. `apply()` adds it to `LIBTPU_INIT_ARGS` unless the flag is there
+already (the user's value wins); when the TPU backend has already started, it
+can only warn. Setting it on a machine without libtpu does nothing.
 """
 
 from __future__ import annotations
@@ -27,10 +27,18 @@ import warnings
 
 import jax
 
-FLAG = "xla_tpu_enable_deduplicated_calls"
-ENV = "LIBTPU_INIT_ARGS"
-_ARG = f"--{FLAG}=true"
-_ADDED = f"{ENV} += {_ARG} (identical layers compiled once)"
+from gemma4_jax.patches import _framework
+
+# Not an attribute but an environment variable: `apply()` calls `request()`
+# or `restore()` after the attribute patches, under the same lock.
+SPEC = _framework.EnvironmentSpec(
+    feature="share_layer_code", variable="LIBTPU_INIT_ARGS",
+    flag="xla_tpu_enable_deduplicated_calls", value="true",
+    effect="identical layers compiled once")
+FLAG = SPEC.flag
+ENV = SPEC.variable
+_ARG = SPEC.argument
+_ADDED = f"{ENV} += {_ARG} ({SPEC.effect})"
 # Empty while `request()` has not changed `LIBTPU_INIT_ARGS`; else holds its
 # value from before (None: it was unset).
 _before: list[str | None] = []

@@ -3,10 +3,11 @@
 Replaces `Attention.block`. Prefill, the no-cache path (every training step)
 and decode (one token against the KV cache or a shared KV cache, including
 the sliding-window ring buffer) compute attention with
-`ops.attention(..., scale=1.0)`. Everything around the attention (projections, QK and V norms, RoPE, the cache
-update, the output projection, the sharding constraints) is Tunix's code,
-restated here because Tunix's block is a single function; the tests check it
-against the original numerically.
+`ops.attention(..., scale=1.0)`. Everything around the attention
+(projections, QK and V norms, RoPE, the cache update, the output projection,
+the sharding constraints) is Tunix's code, restated here because Tunix's
+block is a single function; the tests check it against the original
+numerically.
 
 What changes against Tunix:
 - the mask may have rank 2, 3 or 4, in prefill and in decode (Tunix's
@@ -40,8 +41,6 @@ from gemma4_jax import masks
 from gemma4_jax import ops
 from gemma4_jax.patches import _framework
 
-FEATURE = "attention"
-DISTRIBUTION = "google-tunix"
 _BLOCK_PARAMETERS = ("self", "x", "segment_pos", "cache", "attn_mask",
                      "kv_shared_cache")
 # What the restated block reads from `self`, all stored by Attention.__init__.
@@ -51,82 +50,68 @@ _INSTANCE_ATTRIBUTES = (
     "rope_scale_factor", "rope_proportion")
 _CONFIG_FIELDS = ("dtype", "shd_config", "sliding_window_size",
                   "use_sliding_window_kv_cache")
-STOCK = ("none of the attention itself (training, prefill and decode all "
-         "run ops.attention); the projections, norms, RoPE and cache update "
-         "around it are Tunix's code, restated")
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout(_framework.Layout):
-  """Where one Tunix version keeps Gemma 4 attention, and whether its
-  `Attention.block` takes `segment_ids`."""
-  takes_segment_ids: bool = False
-
-
-LAYOUTS = (
-    # Tunix main is not on PyPI: its code is imported over google-tunix
-    # 0.1.7's metadata, so the version string cannot identify it. Tested at
-    # commit c7d8950f (tests/tunix_main/).
-    Layout(module="tunix.models.gemma4.attention",
-           config_module="tunix.models.gemma4.config",
-           takes_segment_ids=True, known_versions=(),
-           description="Tunix main (split attention.py)",
-           known_layout="Tunix main c7d8950f"),
-    Layout(module="tunix.models.gemma4.model",
-           config_module="tunix.models.gemma4.model",
-           takes_segment_ids=False, known_versions=("0.1.7",),
-           description="google-tunix 0.1.7 (tunix.models.gemma4.model)"),
-)
-KNOWN_TO_WORK = _framework.describe_known(DISTRIBUTION, LAYOUTS)
-
-
-def detect_layout() -> Layout:
-  """The first of `LAYOUTS` present here (`_framework.find_layout`)."""
-  return _framework.find_layout(FEATURE, DISTRIBUTION, LAYOUTS, "Attention")
-
-
-def target() -> _framework.Target:
-  """The `Attention.block` target for the installed Tunix layout."""
-  layout = detect_layout()
-  block_parameters = _BLOCK_PARAMETERS + (
-      ("segment_ids",) if layout.takes_segment_ids else ())
-  requirements = (
-      _framework.Requirement(layout.module, "Attention.block",
-                             parameters=block_parameters),
-      _framework.Requirement(layout.module, "Attention.__init__",
+def _requirements(config_module: str) -> tuple[_framework.Requirement, ...]:
+  """What the restated block relies on besides `Attention.block` itself: in
+  the module holding `Attention` (None) and in the config module."""
+  return (
+      _framework.Requirement(None, "Attention.__init__",
                              names=_INSTANCE_ATTRIBUTES),
       _framework.Requirement(
-          layout.module, "apply_rope",
+          None, "apply_rope",
           parameters=("inputs", "positions", "base_frequency",
                       "scale_factor", "rope_proportion")),
-      _framework.Requirement(layout.module, "shard",
-                             parameters=("x", "s", "eager")),
-      _framework.Requirement(layout.module, "AttentionType.LOCAL_SLIDING"),
-      *(_framework.Requirement(layout.config_module, f"ModelConfig.{field}")
+      _framework.Requirement(None, "shard", parameters=("x", "s", "eager")),
+      _framework.Requirement(None, "AttentionType.LOCAL_SLIDING"),
+      *(_framework.Requirement(config_module, f"ModelConfig.{field}")
         for field in _CONFIG_FIELDS),
-      *(_framework.Requirement(layout.config_module, f"ShardingConfig.{field}")
+      *(_framework.Requirement(config_module, f"ShardingConfig.{field}")
         for field in ("act_btnh", "act_btd")),
   )
 
-  def make_replacement(original, options):
-    return _make_block(original, importlib.import_module(layout.module),
-                       options, takes_segment_ids=layout.takes_segment_ids)
 
-  return _framework.Target(
-      feature=FEATURE, module=layout.module, attribute="Attention.block",
-      distribution=DISTRIBUTION, known_versions=layout.known_versions,
-      known_to_work=KNOWN_TO_WORK, requirements=requirements,
-      make_replacement=make_replacement, known_layout=layout.known_layout,
-      ops=("attention",), stock=STOCK)
+SPEC = _framework.PatchSpec(
+    feature="attention", distribution="google-tunix",
+    attribute="Attention.block",
+    layouts=(
+        # Tunix main is not on PyPI: its code is imported over google-tunix
+        # 0.1.7's metadata, so the version string cannot identify it. Tested
+        # at commit c7d8950f (tests/tunix_main/).
+        _framework.Layout(
+            name="Tunix main c7d8950f",
+            module="tunix.models.gemma4.attention",
+            parameters=_BLOCK_PARAMETERS + ("segment_ids",),
+            requirements=_requirements("tunix.models.gemma4.config"),
+            known_by_layout=True, found_by="Attention"),
+        _framework.Layout(
+            name="google-tunix 0.1.7", module="tunix.models.gemma4.model",
+            parameters=_BLOCK_PARAMETERS,
+            requirements=_requirements("tunix.models.gemma4.model"),
+            known_versions=("0.1.7",), found_by="Attention"),
+    ),
+    ops=("attention",),
+    stock="none of the attention itself (training, prefill and decode all "
+    "run ops.attention); the projections, norms, RoPE and cache update "
+    "around it are Tunix's code, restated")
 
 
-def _make_block(original: Callable, module, options: _framework.OpOptions, *,
-                takes_segment_ids: bool) -> Callable:
+def targets() -> tuple[_framework.Target, ...]:
+  """`SPEC` in the installed Tunix, replaced by the restated block below."""
+  return SPEC.targets(_make_block)
+
+
+# Tunix's attention block, restated around `ops.attention`.
+
+
+def _make_block(original: Callable, options: _framework.OpOptions,
+                layout: _framework.Layout) -> Callable:
   """`Attention.block` with the same parameters as `original`."""
+  module = importlib.import_module(layout.module)
   tunix = _TunixFunctions(apply_rope=module.apply_rope, shard=module.shard,
                           local=module.AttentionType.LOCAL_SLIDING)
 
-  if takes_segment_ids:
+  if "segment_ids" in layout.parameters:
     def block(self, x, segment_pos, cache, attn_mask, kv_shared_cache=None,
               segment_ids=None):
       return _block(self, x, segment_pos, cache, attn_mask, kv_shared_cache,

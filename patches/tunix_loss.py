@@ -28,8 +28,6 @@ silently drop the adapters.
 from __future__ import annotations
 
 import importlib
-import importlib.util
-import inspect
 
 from flax import nnx
 import jax.numpy as jnp
@@ -37,78 +35,62 @@ import jax.numpy as jnp
 from gemma4_jax import ops
 from gemma4_jax.patches import _framework
 
-FEATURE = "loss"
-DISTRIBUTION = "google-tunix"
 TRAINER_MODULE = "tunix.sft.peft_trainer"
 # Tunix main's second trainer, with its own copy of the same loss; absent in
 # google-tunix 0.1.7, where it is simply not part of the plan.
 TRAINER_V2_MODULE = "tunix.experimental.train.peft_trainer_v2"
-STOCK = ("other models, image inputs, losses set with with_loss_fn, and "
-         "trainers built before apply() keep Tunix's loss")
 MODEL_MODULE = "tunix.models.gemma4.model"
-KNOWN_VERSIONS = ("0.1.7",)
-KNOWN_TO_WORK = (f"{DISTRIBUTION} 0.1.7 and Tunix main ({MODEL_MODULE}."
-                 "Gemma4.__call__ with or without skip_lm_head)")
-_LOSS_PARAMETERS = ("model", "input_tokens", "input_mask", "positions",
-                    "attention_mask", "images")
-# Tunix's own normalizer: an all-zero mask gives loss 0.
-NORMALIZER_EPS = 1e-8
 # google-tunix 0.1.7: the module whose output is captured.
 _FINAL_NORM = "final_norm"
+# Tunix main: the body stops at the final norm when asked.
+_SKIPS_LM_HEAD = _framework.Requirement(MODEL_MODULE, "Gemma4.__call__",
+                                       takes=("skip_lm_head",))
+
+SPEC = _framework.PatchSpec(
+    feature="loss", distribution="google-tunix", attribute="_default_loss_fn",
+    layouts=(_framework.Layout(
+        name="google-tunix 0.1.7 and Tunix main", module=TRAINER_MODULE,
+        parameters=("model", "input_tokens", "input_mask", "positions",
+                    "attention_mask", "images"),
+        copies=(TRAINER_V2_MODULE,), known_versions=("0.1.7",),
+        where=f"{MODEL_MODULE}.Gemma4.__call__ with or without skip_lm_head",
+        requirements=(
+            # The trainer takes the module's default loss when built.
+            _framework.Requirement(None, "PeftTrainer.__init__",
+                                   names=("_default_loss_fn",)),
+            _framework.Requirement(MODEL_MODULE, "Gemma4.__call__"),
+            _framework.Requirement(MODEL_MODULE, "Embedder.decode"),
+            _framework.Requirement(MODEL_MODULE,
+                                   "ModelConfig.final_logit_softcap"),
+            _framework.Requirement(MODEL_MODULE, "ModelConfig.dtype"),
+            # Without skip_lm_head, the final norm's output is captured.
+            _framework.Requirement(MODEL_MODULE, "Gemma4.__call__",
+                                   names=(_FINAL_NORM,),
+                                   unless=_SKIPS_LM_HEAD),
+            _framework.Requirement("flax.nnx", "capture",
+                                   unless=_SKIPS_LM_HEAD),
+        )),),
+    ops=("softcapped_cross_entropy",),
+    stock="other models, image inputs, losses set with with_loss_fn, and "
+    "trainers built before apply() keep Tunix's loss")
 
 
 def targets() -> tuple[_framework.Target, ...]:
-  """Every trainer's `_default_loss_fn` in the installed Tunix: `PeftTrainer`'s
-  and, where the module exists (Tunix main), `peft_trainer_v2`'s."""
-  return (target(),) + ((target(TRAINER_V2_MODULE),)
-                        if _exists(TRAINER_V2_MODULE) else ())
+  """`SPEC` in the installed Tunix: `PeftTrainer`'s `_default_loss_fn` and,
+  where the module exists (Tunix main), `peft_trainer_v2`'s; each replaced
+  by the restated loss below."""
+  return SPEC.targets(_make_loss_fn)
 
 
-def _exists(module: str) -> bool:
-  try:
-    return importlib.util.find_spec(module) is not None
-  except ImportError:  # a parent package is missing (google-tunix 0.1.7)
-    return False
+# Tunix's default loss, restated around `ops.softcapped_cross_entropy`.
+
+# Tunix's own normalizer: an all-zero mask gives loss 0.
+NORMALIZER_EPS = 1e-8
 
 
-def target(trainer_module: str = TRAINER_MODULE) -> _framework.Target:
-  """The `_default_loss_fn` target of `trainer_module` for the installed
-  Tunix."""
-  requirements = (
-      _framework.Requirement(trainer_module, "_default_loss_fn",
-                             parameters=_LOSS_PARAMETERS),
-      _framework.Requirement(trainer_module, "PeftTrainer.__init__",
-                             names=("_default_loss_fn",)),
-      _framework.Requirement(MODEL_MODULE, "Gemma4.__call__"),
-      _framework.Requirement(MODEL_MODULE, "Embedder.decode"),
-      _framework.Requirement(MODEL_MODULE, "ModelConfig.final_logit_softcap"),
-      _framework.Requirement(MODEL_MODULE, "ModelConfig.dtype"),
-  )
-  if not _skips_lm_head():
-    requirements += (_framework.Requirement(MODEL_MODULE, "Gemma4.__call__",
-                                            names=(_FINAL_NORM,)),
-                     _framework.Requirement("flax.nnx", "capture"))
-
-  def make_replacement(original, options):
-    return _make_loss_fn(original, options)
-
-  return _framework.Target(
-      feature=FEATURE, module=trainer_module, attribute="_default_loss_fn",
-      distribution=DISTRIBUTION, known_versions=KNOWN_VERSIONS,
-      known_to_work=KNOWN_TO_WORK, requirements=requirements,
-      make_replacement=make_replacement, ops=("softcapped_cross_entropy",),
-      stock=STOCK)
-
-
-def _skips_lm_head() -> bool:
-  try:
-    gemma4 = importlib.import_module(MODEL_MODULE).Gemma4
-  except (ImportError, AttributeError):
-    return False  # the requirements report what is missing
-  return "skip_lm_head" in inspect.signature(gemma4.__call__).parameters
-
-
-def _make_loss_fn(original, options: _framework.OpOptions):
+def _make_loss_fn(original, options: _framework.OpOptions,
+                  layout: _framework.Layout):
+  del layout  # the model's layout is probed per call (`final_hidden`)
   model_module = importlib.import_module(MODEL_MODULE)
   gemma4 = model_module.Gemma4
   # Tunix main returns a LossOutput (unreduced sum and denominator).
@@ -149,7 +131,7 @@ def final_hidden(model, tokens, positions, attention_mask):
   Also used by `gemma4_jax.perplexity`. Works for both layouts (see the
   module docstring) and for models with qwix LoRA.
   """
-  if _skips_lm_head():
+  if _framework.holds(_SKIPS_LM_HEAD):
     return _final_hidden_skip_lm_head(model, tokens, positions,
                                       attention_mask)
   return _final_hidden_captured(model, tokens, positions, attention_mask)

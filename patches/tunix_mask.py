@@ -26,34 +26,30 @@ import jax.numpy as jnp
 from gemma4_jax import masks
 from gemma4_jax.patches import _framework
 
-FEATURE = "mask"
-DISTRIBUTION = "google-tunix"
-MODULE = "tunix.sft.utils"
-KNOWN_VERSIONS = ("0.1.7",)
-KNOWN_TO_WORK = f"{DISTRIBUTION} 0.1.7 and Tunix main ({MODULE})"
+SPEC = _framework.PatchSpec(
+    feature="mask", distribution="google-tunix",
+    attribute="make_causal_attn_mask",
+    layouts=(_framework.Layout(
+        name="google-tunix 0.1.7 and Tunix main", module="tunix.sft.utils",
+        parameters=("input_mask",), known_versions=("0.1.7",)),),
+    note="a [B, T] causal padding mask stands for the [B, T, T] array",
+    stock="input masks other than boolean [B, T] go to Tunix's function; "
+    "code that imported make_causal_attn_mask by name before apply() "
+    "(tunix.rl.common) keeps the original")
 
 
-def target() -> _framework.Target:
-  """The `make_causal_attn_mask` target."""
-  requirements = (_framework.Requirement(
-      MODULE, "make_causal_attn_mask", parameters=("input_mask",)),)
-
-  def make_replacement(original, options):
-    del options  # the mask is the same whatever implementation runs
-    return _make_causal_attn_mask(original)
-
-  return _framework.Target(
-      feature=FEATURE, module=MODULE, attribute="make_causal_attn_mask",
-      distribution=DISTRIBUTION, known_versions=KNOWN_VERSIONS,
-      known_to_work=KNOWN_TO_WORK, requirements=requirements,
-      make_replacement=make_replacement,
-      note="a [B, T] causal padding mask stands for the [B, T, T] array",
-      stock="input masks other than boolean [B, T] go to Tunix's function; "
-      "code that imported make_causal_attn_mask by name before apply() "
-      "(tunix.rl.common) keeps the original")
+def targets() -> tuple[_framework.Target, ...]:
+  """`SPEC` in the installed Tunix, replaced by the function below."""
+  return SPEC.targets(_make_causal_attn_mask)
 
 
-def _make_causal_attn_mask(original):
+# Tunix's mask function, restated for a boolean [B, T] input mask.
+
+
+def _make_causal_attn_mask(original, options: _framework.OpOptions,
+                           layout: _framework.Layout):
+  del options, layout  # the mask is the same whatever implementation runs
+
   def make_causal_attn_mask(input_mask):
     dtype = getattr(input_mask, "dtype", None)
     if (dtype is None or jnp.dtype(dtype) != jnp.bool_

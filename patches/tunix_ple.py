@@ -8,8 +8,8 @@ backward pass keeps only the projection.
 
 Under a mesh (`jax.set_mesh`, or Tunix's `with mesh:`) that has the axes of
 Tunix's `shd_config.per_layer_input_embedding`, the lookup runs inside
-`shard_map` with the table where Tunix put it, never gathering it (see
-`gemma4_jax.kernels.ple.sharded`).
+`shard_map` with the table where Tunix put it, never gathering it
+(`ops.ple_lookup` given the mesh and `table_spec`).
 
 `apply(ple="host")` reads the table from host memory instead: move it there
 first with `offload_table(model)` (or `offload_table(model,
@@ -32,61 +32,66 @@ import jax
 import numpy as np
 from flax import nnx
 
+from gemma4_jax import mesh as mesh_lib
 from gemma4_jax import ops
 from gemma4_jax.host_table import HostTable
 from gemma4_jax.patches import _framework
 
-FEATURE = "ple"
-DISTRIBUTION = "google-tunix"
-NO_PLE_NOTE = ("no-op on models without PLE (per_layer_input_dim 0/None: "
-               "31B, 26B-A4B, 12B)")
-STOCK = ("the projection (Tunix's Einsum, so qwix LoRA on it applies); "
-         + NO_PLE_NOTE)
 _INSTANCE_ATTRIBUTES = ("config", "vocab_size", "per_layer_model_projection",
                         "per_layer_projection_norm",
                         "per_layer_input_embedding")
 _CONFIG_FIELDS = ("num_layers", "per_layer_input_dim", "shd_config")
 
 
-LAYOUTS = (
-    _framework.Layout(module="tunix.models.gemma4.layers",
-           config_module="tunix.models.gemma4.config", known_versions=(),
-           description="Tunix main (layers.py, [V, L*P] table)",
-           known_layout="Tunix main c7d8950f"),
-    _framework.Layout(module="tunix.models.gemma4.model",
-           config_module="tunix.models.gemma4.model",
-           known_versions=("0.1.7",),
-           description="google-tunix 0.1.7 (model.py, [V, L, P] table)"),
-)
-KNOWN_TO_WORK = _framework.describe_known(DISTRIBUTION, LAYOUTS)
+def _requirements(config_module: str) -> tuple[_framework.Requirement, ...]:
+  """What the replacement relies on besides the method itself: in the module
+  holding `Embedder` (None) and in the config module."""
+  return (
+      _framework.Requirement(None, "Embedder.__init__",
+                             names=_INSTANCE_ATTRIBUTES),
+      *(_framework.Requirement(config_module, f"ModelConfig.{field}")
+        for field in _CONFIG_FIELDS),
+      _framework.Requirement(config_module,
+                             "ShardingConfig.per_layer_input_embedding"),
+  )
+
+
+SPEC = _framework.PatchSpec(
+    feature="ple", distribution="google-tunix",
+    attribute="Embedder.encode_per_layer_input",
+    layouts=(
+        # Tunix main: layers.py, a [V, L*P] table (see tunix_attention on
+        # why the layout, not the version string, identifies it).
+        _framework.Layout(
+            name="Tunix main c7d8950f", module="tunix.models.gemma4.layers",
+            parameters=("self", "x", "t"),
+            requirements=_requirements("tunix.models.gemma4.config"),
+            known_by_layout=True, found_by="Embedder"),
+        # google-tunix 0.1.7: model.py, a [V, L, P] table.
+        _framework.Layout(
+            name="google-tunix 0.1.7", module="tunix.models.gemma4.model",
+            parameters=("self", "x", "t"),
+            requirements=_requirements("tunix.models.gemma4.model"),
+            known_versions=("0.1.7",), found_by="Embedder"),
+    ),
+    ops=("ple_lookup", "combine_per_layer_inputs"),
+    stock=("the projection (Tunix's Einsum, so qwix LoRA on it applies); "
+           "no-op on models without PLE (per_layer_input_dim 0/None: 31B, "
+           "26B-A4B, 12B)"))
+
+
+def targets() -> tuple[_framework.Target, ...]:
+  """`SPEC` in the installed Tunix, replaced by the restated method below."""
+  return SPEC.targets(_make_encode_per_layer_input)
 
 
 def detect_layout() -> _framework.Layout:
-  """The first of `LAYOUTS` present here (`_framework.find_layout`)."""
-  return _framework.find_layout(FEATURE, DISTRIBUTION, LAYOUTS, "Embedder")
+  """The Tunix layout found here (the benchmarks build models from its
+  module)."""
+  return SPEC.detect_layout()
 
 
-def target() -> _framework.Target:
-  """The `Embedder.encode_per_layer_input` target for the installed layout."""
-  layout = detect_layout()
-  requirements = (
-      _framework.Requirement(layout.module, "Embedder.encode_per_layer_input",
-                             parameters=("self", "x", "t")),
-      _framework.Requirement(layout.module, "Embedder.__init__",
-                             names=_INSTANCE_ATTRIBUTES),
-      *(_framework.Requirement(layout.config_module, f"ModelConfig.{field}")
-        for field in _CONFIG_FIELDS),
-      _framework.Requirement(layout.config_module,
-                             "ShardingConfig.per_layer_input_embedding"),
-  )
-  return _framework.Target(
-      feature=FEATURE, module=layout.module,
-      attribute="Embedder.encode_per_layer_input",
-      distribution=DISTRIBUTION, known_versions=layout.known_versions,
-      known_to_work=KNOWN_TO_WORK, requirements=requirements,
-      make_replacement=_make_encode_per_layer_input,
-      known_layout=layout.known_layout,
-      ops=("ple_lookup", "combine_per_layer_inputs"), stock=STOCK)
+# Tunix's per-layer inputs, restated around `gemma4_jax.ops`; the host table.
 
 
 def offload_table(model, table: HostTable | None = None) -> HostTable:
@@ -129,7 +134,9 @@ def offload_table(model, table: HostTable | None = None) -> HostTable:
 
 
 def _make_encode_per_layer_input(original: Callable,
-                                 options: _framework.OpOptions) -> Callable:
+                                 options: _framework.OpOptions,
+                                 layout: _framework.Layout) -> Callable:
+  del layout  # both layouts' methods read the same attributes
   host = options.ple_host
 
   def encode_per_layer_input(self, x, t):
@@ -165,21 +172,13 @@ def _make_encode_per_layer_input(original: Callable,
 
 
 def _mesh_and_spec(table_spec):
-  """The current mesh and Tunix's table spec, or (None, None) when no mesh
+  """The mesh in context and Tunix's table spec, or (None, None) when no mesh
   with the spec's axes is set (then the lookup is a local one)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    mesh = _legacy_mesh()
-  if mesh is None or mesh.empty or table_spec is None:
+  mesh = mesh_lib.in_context()
+  if mesh is None or table_spec is None:
     return None, None
   axes = [a for s in table_spec if s is not None
           for a in ((s,) if isinstance(s, str) else s)]
   if not axes or any(a not in mesh.axis_names for a in axes):
     return None, None
   return mesh, tuple(table_spec)
-
-
-def _legacy_mesh():
-  """The `with mesh:` context Tunix's own `shard()` reads."""
-  from jax.interpreters import pxla  # pylint: disable=g-import-not-at-top
-  return pxla.thread_resources.env.physical_mesh

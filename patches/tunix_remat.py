@@ -24,7 +24,7 @@ attention and MLP, if set, still applies inside):
 
 Each layer's input is named `DECODER_LAYER_INPUT` (`checkpoint_name`) so a
 policy can refer to it. On CPU every policy computes the same loss and
-gradients as no remat (tests/test_remat_patch.py).
+gradients as no remat (tests/patches/test_patch_remat.py).
 """
 
 from __future__ import annotations
@@ -39,14 +39,28 @@ from jax.ad_checkpoint import checkpoint_name
 from gemma4_jax import ops
 from gemma4_jax.patches import _framework
 
-FEATURE = "remat"
-DISTRIBUTION = "google-tunix"
-KNOWN_VERSIONS = ("0.1.7",)
-MODULES = ("tunix.models.gemma4.model",)   # DecoderLayer, both layouts
 DECODER_LAYER_INPUT = "decoder_layer_input"
 POLICIES = ("full", "minimal", "attention", "offload")
-KNOWN_TO_WORK = (f"{DISTRIBUTION} 0.1.7 and Tunix main ({MODULES[0]}."
-                 "DecoderLayer.block)")
+
+SPEC = _framework.PatchSpec(
+    feature="remat", distribution="google-tunix",
+    attribute="DecoderLayer.__call__",
+    layouts=(_framework.Layout(
+        # DecoderLayer stays in model.py in both layouts.
+        name="google-tunix 0.1.7 and Tunix main",
+        module="tunix.models.gemma4.model", known_versions=("0.1.7",),
+        where="tunix.models.gemma4.model.DecoderLayer.block",
+        requirements=(_framework.Requirement(None, "DecoderLayer.block"),)),),
+    stock="the model's RematConfig for whole decoder layers (Tunix's "
+    "BLOCK remat inside attention and MLP, if set, still applies)")
+
+
+def targets() -> tuple[_framework.Target, ...]:
+  """`SPEC` in the installed Tunix, replaced by the rematted call below."""
+  return SPEC.targets(_make_call)
+
+
+# Tunix's decoder-layer remat, restated under a named policy.
 
 
 def policy(name: str):
@@ -68,29 +82,11 @@ def policy(name: str):
                    f"got {name!r}")
 
 
-def target() -> _framework.Target:
-  """The `DecoderLayer.__call__` target."""
-  module = MODULES[0]
-  requirements = (
-      _framework.Requirement(module, "DecoderLayer.__call__"),
-      _framework.Requirement(module, "DecoderLayer.block"),
-  )
-
-  def make_replacement(original, options):
-    return _make_call(original, options.remat)
-
-  return _framework.Target(
-      feature=FEATURE, module=module, attribute="DecoderLayer.__call__",
-      distribution=DISTRIBUTION, known_versions=KNOWN_VERSIONS,
-      known_to_work=KNOWN_TO_WORK, requirements=requirements,
-      make_replacement=make_replacement,
-      stock="the model's RematConfig for whole decoder layers (Tunix's "
-      "BLOCK remat inside attention and MLP, if set, still applies)")
-
-
-def _make_call(original, name: str):
+def _make_call(original, options: _framework.OpOptions,
+               layout: _framework.Layout):
+  name = options.remat
   chosen = policy(name)
-  layer_class = importlib.import_module(MODULES[0]).DecoderLayer
+  layer_class = importlib.import_module(layout.module).DecoderLayer
   block_signature = inspect.signature(layer_class.block)
 
   def block(self, x, *args):

@@ -35,7 +35,7 @@ _ONE_UNIT = ("tests/export/", "tests/bad_input/")
 # Handed out first: the Tunix main runs, then the longest TPU compiles (a
 # shortened E2B training step, attention at E2B/E4B/31B shapes).
 _LONG_FIRST = (_TUNIX_MAIN, "tests/test_fit.py",
-               "tests/kernels/test_attention_tpu_compile.py")
+               "tests/attention/test_attention_tpu_compile.py")
 
 
 def _work_unit(nodeid: str) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -19,6 +18,7 @@ import sys
 
 import numpy as np
 
+from gemma4_jax import validation
 from gemma4_jax.export import mapping
 from gemma4_jax.export import safetensors_io
 
@@ -218,12 +218,8 @@ def _tunix_custom_metadata(step_dir: str) -> dict:
   path = os.path.join(step_dir, "_CHECKPOINT_METADATA")
   if not os.path.exists(path):
     return {}
-  try:
-    with open(path, encoding="utf-8") as f:
-      meta = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise AdapterError(f"adapter: {path} is not valid JSON ({e}); the "
-                       f"checkpoint is damaged") from None
+  meta = validation.load_json(path, lambda e: AdapterError(
+      f"adapter: {path} is not valid JSON ({e}); the checkpoint is damaged"))
   if not isinstance(meta, dict):
     raise AdapterError(f"adapter: {path}: expected a JSON object, got "
                        f"{type(meta).__name__}")
@@ -288,12 +284,33 @@ _PEFT_KEY = re.compile(
 
 def _load_peft(path: str, rank, alpha) -> Adapter:
   config_path = os.path.join(path, PEFT_CONFIG)
-  try:
-    with open(config_path, encoding="utf-8") as f:
-      config = json.load(f)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise AdapterError(
-        f"adapter: {config_path} is not valid JSON: {e}") from None
+  config = _read_peft_config(config_path)
+  recorded_rank = _recorded(config, ("r",), config_path, kind="rank")
+  recorded_alpha = _recorded(config, ("lora_alpha",), config_path,
+                             kind="alpha")
+  _check_peft_supported(config)
+  weights = os.path.join(path, PEFT_WEIGHTS)
+  modules, num_tensors = _read_peft_weights(weights)
+  shape_rank = _peft_rank(modules)
+  _check_shape_rank(shape_rank, weights)
+  rank = _resolve("rank", rank, recorded_rank, shape_rank, path)
+  alpha = _resolve("alpha", alpha, recorded_alpha, None, path)
+  if alpha is None:
+    raise AdapterError(f"alpha: {config_path} has no lora_alpha; pass --alpha")
+  scale = (float(alpha) / math.sqrt(rank) if config.get("use_rslora")
+           else float(alpha) / rank)
+  deltas = tuple(
+      mapping.LoraDelta(mapping.peft_module_to_target(module), ab["A"],
+                        ab["B"], scale, module)
+      for module, ab in sorted(modules.items()))
+  return Adapter(deltas, int(rank), float(alpha), scale, mapping.LAYOUT_PEFT,
+                 path, num_tensors)
+
+
+def _read_peft_config(config_path: str) -> dict:
+  """`adapter_config.json` as a dict whose boolean flags are booleans."""
+  config = validation.load_json(config_path, lambda e: AdapterError(
+      f"adapter: {config_path} is not valid JSON: {e}"))
   if not isinstance(config, dict):
     raise AdapterError(f"adapter: {config_path}: expected a JSON object, got "
                        f"{type(config).__name__}")
@@ -301,9 +318,11 @@ def _load_peft(path: str, rank, alpha) -> Adapter:
     if config.get(flag) is not None and not isinstance(config[flag], bool):
       raise AdapterError(f"adapter: {config_path}: field {flag!r} must be "
                          f"true or false, got {config[flag]!r}")
-  recorded_rank = _recorded(config, ("r",), config_path, kind="rank")
-  recorded_alpha = _recorded(config, ("lora_alpha",), config_path,
-                             kind="alpha")
+  return config
+
+
+def _check_peft_supported(config: dict) -> None:
+  """Refuses PEFT settings the merge cannot reproduce."""
   if config.get("peft_type", "LORA") != "LORA":
     raise AdapterError(f"adapter: peft_type {config.get('peft_type')!r} is "
                        "not LORA")
@@ -313,7 +332,12 @@ def _load_peft(path: str, rank, alpha) -> Adapter:
   for pattern in ("rank_pattern", "alpha_pattern"):
     if config.get(pattern):
       raise AdapterError(f"adapter: per-module {pattern} is not supported")
-  weights = os.path.join(path, PEFT_WEIGHTS)
+
+
+def _read_peft_weights(weights: str
+                       ) -> tuple[dict[str, dict[str, np.ndarray]], int]:
+  """`{module: {"A": lora_A, "B": lora_B}}` in float32 from
+  `adapter_model.safetensors`, and how many tensors the file holds."""
   if not os.path.exists(weights):
     raise AdapterError(f"adapter: {weights} is missing (only safetensors "
                        "PEFT adapters are read)")
@@ -331,6 +355,11 @@ def _load_peft(path: str, rank, alpha) -> Adapter:
     raise AdapterError(
         f"adapter: {len(unknown)} tensor(s) in {weights} are not LoRA A/B "
         f"weights: {', '.join(sorted(unknown)[:5])}")
+  return modules, len(infos)
+
+
+def _peft_rank(modules: dict[str, dict[str, np.ndarray]]) -> int:
+  """The one rank of every module's `[r, in]` A and `[out, r]` B."""
   shape_ranks = set()
   for module, ab in modules.items():
     if set(ab) != {"A", "B"}:
@@ -343,20 +372,7 @@ def _load_peft(path: str, rank, alpha) -> Adapter:
     shape_ranks.add(ab["A"].shape[0])
   if len(shape_ranks) != 1:
     raise AdapterError(f"adapter: modules have ranks {sorted(shape_ranks)}")
-  shape_rank = shape_ranks.pop()
-  _check_shape_rank(shape_rank, weights)
-  rank = _resolve("rank", rank, recorded_rank, shape_rank, path)
-  alpha = _resolve("alpha", alpha, recorded_alpha, None, path)
-  if alpha is None:
-    raise AdapterError(f"alpha: {config_path} has no lora_alpha; pass --alpha")
-  scale = (float(alpha) / math.sqrt(rank) if config.get("use_rslora")
-           else float(alpha) / rank)
-  deltas = tuple(
-      mapping.LoraDelta(mapping.peft_module_to_target(module), ab["A"],
-                        ab["B"], scale, module)
-      for module, ab in sorted(modules.items()))
-  return Adapter(deltas, int(rank), float(alpha), scale, mapping.LAYOUT_PEFT,
-                 path, len(infos))
+  return shape_ranks.pop()
 
 
 __all__ = ["Adapter", "AdapterError", "load_adapter", "read_tunix_params",

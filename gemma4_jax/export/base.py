@@ -4,7 +4,6 @@ adapter pair lands in it."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 from gemma4_jax import validation
@@ -57,12 +56,8 @@ def open_base(directory: str | os.PathLike) -> BaseCheckpoint:
   config_path = os.path.join(directory, CONFIG_NAME)
   config = {}
   if os.path.exists(config_path):
-    try:
-      with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise BaseCheckpointError(
-          f"base: {config_path} is not valid JSON: {e}") from None
+    config = validation.load_json(config_path, lambda e: BaseCheckpointError(
+        f"base: {config_path} is not valid JSON: {e}"))
     check_config(config, config_path)
   embeds = [n for n in tensors if n.endswith(_EMBED_SUFFIX) and
             "per_layer" not in n and "vision" not in n and "audio" not in n]

@@ -1,9 +1,14 @@
-"""Writes a Tunix Gemma 4 model as a Hugging Face checkpoint.
+"""Test support: writes a Tunix Gemma 4 model as a Hugging Face checkpoint.
+
+Not part of the public API nor of the export tool's streaming path (no
+stability promise). Used by the tests (`tests/export/`, the CLI's bad-input
+and fine-tuning tests) and by `gemma4-jax demo` to make small real
+checkpoints. Depends on numpy and `export.safetensors_io`; Tunix, flax and
+jax are imported when a model is converted.
 
 The inverse of Tunix's `params_safetensors` mapping, with the tensor names
 and `config.json` of the Gemma 4 release (`model.language_model.*`,
-`Gemma4ForConditionalGeneration`, text only). Used to make small real
-checkpoints for tests, demos and benchmarks; KV-shared layers keep their
+`Gemma4ForConditionalGeneration`, text only). KV-shared layers keep their
 unused `k_proj`/`v_proj`/`k_norm` as the release does.
 """
 
@@ -66,6 +71,8 @@ def hf_text_config(config) -> dict:
       "attention_k_eq_v": config.k_eq_v_global,
       "final_logit_softcapping": config.final_logit_softcap,
       "hidden_activation": "gelu_pytorch_tanh",
+      # Hugging Face's own value (Gemma4TextConfig's default), which Tunix's
+      # RMSNorm hard-codes; Tunix's ModelConfig has no field to read it from.
       "rms_norm_eps": 1e-6,
       "tie_word_embeddings": True,
       "rope_parameters": {

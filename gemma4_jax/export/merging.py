@@ -3,10 +3,10 @@
 The model is never loaded. Every output file's header is computed first;
 each weight an adapter changes is read in row chunks at its header offset,
 merged as `W + scale * B @ A` in float32 and cast back to its dtype
-(`merge_kernel`, on a small thread pool, each chunk written at its planned
-offset); meanwhile every other tensor is copied file-to-file by the kernel.
-Peak memory is a small constant plus the adapter, whatever the size of the
-model.
+(`row_merge`, on a small thread pool, each chunk written at its planned
+offset); meanwhile every other tensor is copied file-to-file by the OS
+kernel (`copy_file_range`). Peak memory is a small constant plus the
+adapter, whatever the size of the model.
 
 Output goes to a hidden sibling directory, is fsynced, verified and renamed
 into place at the end; on any error or interrupt the partial directory is
@@ -29,8 +29,8 @@ import numpy as np
 from gemma4_jax import validation
 from gemma4_jax.export import adapter as adapter_lib
 from gemma4_jax.export import base as base_lib
-from gemma4_jax.export import merge_kernel
 from gemma4_jax.export import output_dir
+from gemma4_jax.export import row_merge
 from gemma4_jax.export import safetensors_io
 from gemma4_jax.export import verify
 
@@ -118,46 +118,14 @@ def merge(base_dir: str | os.PathLike, adapter, out_dir: str | os.PathLike,
   base_dir, out_dir = os.fspath(base_dir), os.path.abspath(os.fspath(out_dir))
   _check_output_path(base_dir, out_dir, force)
   base = base_lib.open_base(base_dir)
-  if not isinstance(adapter, adapter_lib.Adapter):
-    adapter = adapter_lib.load_adapter(adapter, rank=rank, alpha=alpha)
-  elif rank is not None and rank != adapter.rank:
-    raise adapter_lib.AdapterError(
-        f"rank: given {rank}, the adapter has rank {adapter.rank}")
+  adapter = _loaded_adapter(adapter, rank, alpha)
   placed = base_lib.place_deltas(base, adapter.deltas, untie=untie)
-
-  entries = _plan_entries(base, placed)
-  shards = safetensors_io.plan_shards([e.source.nbytes for e in entries],
-                                      shard_bytes)
-  files = safetensors_io.shard_file_names(len(shards))
-  headers = [safetensors_io.encode_header(
-      [(entries[i].name, entries[i].source.dtype, entries[i].source.shape)
-       for i in shard], OUTPUT_METADATA) for shard in shards]
-  total = sum(e.source.nbytes for e in entries) + sum(map(len, headers))
-  _check_free_space(out_dir, total)
-
+  plan = _Plan.of(base, placed, shard_bytes)
+  _check_free_space(out_dir, plan.total)
   try:
     with output_dir.staged(out_dir) as tmp_dir:
-      with merge_kernel.single_threaded_blas():
-        stats = _write_shards(tmp_dir, files, headers, shards, entries, total,
-                              progress)
-      safetensors_io.write_index(
-          tmp_dir, {entries[i].name: files[k] for k, shard in enumerate(shards)
-                    for i in shard}, sum(e.source.nbytes for e in entries))
-      _copy_side_files(base, tmp_dir, untie_written="lm_head.weight" in placed
-                       and "lm_head.weight" not in base.tensors)
-      report = {
-          "base": os.path.abspath(base_dir), "adapter": adapter.source,
-          "layout": adapter.layout, "rank": adapter.rank, "alpha": adapter.alpha,
-          "scale": adapter.scale, "untie": untie,
-          "num_input_tensors": len(base.tensors), "num_output_tensors":
-          len(entries), "num_adapter_tensors": adapter.num_source_tensors,
-          "merged": {name: {"source": placed[name].source, **s.as_dict()}
-                     for name, s in stats.items()},
-      }
-      if verify_output:
-        with merge_kernel.single_threaded_blas():
-          report["verification"] = _verify(tmp_dir, entries, placed)
-      output_dir.write_json(os.path.join(tmp_dir, REPORT_NAME), report)
+      _write_checkpoint(tmp_dir, plan, base, adapter, placed, untie=untie,
+                        verify_output=verify_output, progress=progress)
   except OSError as e:
     raise MergeError(
         f"writing the merged checkpoint failed: {e}; removed the partial "
@@ -165,9 +133,78 @@ def merge(base_dir: str | os.PathLike, adapter, out_dir: str | os.PathLike,
   except verify.VerificationError as e:
     raise MergeError(f"verification failed: {e}; removed the partial "
                      f"output") from e
-  return MergeSummary(out_dir, len(entries), len(placed), total,
+  return MergeSummary(out_dir, len(plan.entries), len(placed), plan.total,
                       time.perf_counter() - start, peak_rss_bytes(),
                       os.path.join(out_dir, REPORT_NAME))
+
+
+def _loaded_adapter(adapter, rank, alpha) -> adapter_lib.Adapter:
+  """`adapter` read from its path, or a given `Adapter` checked for rank."""
+  if not isinstance(adapter, adapter_lib.Adapter):
+    return adapter_lib.load_adapter(adapter, rank=rank, alpha=alpha)
+  if rank is not None and rank != adapter.rank:
+    raise adapter_lib.AdapterError(
+        f"rank: given {rank}, the adapter has rank {adapter.rank}")
+  return adapter
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """The output files: every tensor (`entries`), which go in which file
+  (`shards`, indices into `entries`), the files' names and headers."""
+  entries: list[_Entry]
+  shards: list[list[int]]
+  files: list[str]
+  headers: list[bytes]
+
+  @classmethod
+  def of(cls, base, placed, shard_bytes: int) -> _Plan:
+    entries = _plan_entries(base, placed)
+    shards = safetensors_io.plan_shards([e.source.nbytes for e in entries],
+                                        shard_bytes)
+    headers = [safetensors_io.encode_header(
+        [(entries[i].name, entries[i].source.dtype, entries[i].source.shape)
+         for i in shard], OUTPUT_METADATA) for shard in shards]
+    return cls(entries, shards, safetensors_io.shard_file_names(len(shards)),
+               headers)
+
+  @property
+  def tensor_bytes(self) -> int:
+    return sum(e.source.nbytes for e in self.entries)
+
+  @property
+  def total(self) -> int:
+    """Bytes of all output files: tensors and headers."""
+    return self.tensor_bytes + sum(map(len, self.headers))
+
+  def weight_map(self) -> dict[str, str]:
+    return {self.entries[i].name: self.files[k]
+            for k, shard in enumerate(self.shards) for i in shard}
+
+
+def _write_checkpoint(tmp_dir: str, plan: _Plan, base, adapter, placed, *,
+                      untie: bool, verify_output: bool,
+                      progress: bool) -> None:
+  """The merged checkpoint in `tmp_dir`: the safetensors files and their
+  index, the side files, the report (with the verification, if asked)."""
+  with row_merge.single_threaded_blas():
+    stats = _write_shards(tmp_dir, plan, progress)
+  safetensors_io.write_index(tmp_dir, plan.weight_map(), plan.tensor_bytes)
+  _copy_side_files(base, tmp_dir, untie_written="lm_head.weight" in placed
+                   and "lm_head.weight" not in base.tensors)
+  report = {
+      "base": os.path.abspath(base.directory), "adapter": adapter.source,
+      "layout": adapter.layout, "rank": adapter.rank, "alpha": adapter.alpha,
+      "scale": adapter.scale, "untie": untie,
+      "num_input_tensors": len(base.tensors), "num_output_tensors":
+      len(plan.entries), "num_adapter_tensors": adapter.num_source_tensors,
+      "merged": {name: {"source": placed[name].source, **s.as_dict()}
+                 for name, s in stats.items()},
+  }
+  if verify_output:
+    with row_merge.single_threaded_blas():
+      report["verification"] = _verify(tmp_dir, plan.entries, placed)
+  output_dir.write_json(os.path.join(tmp_dir, REPORT_NAME), report)
 
 
 def _check_output_path(base_dir: str, out_dir: str, force: bool) -> None:
@@ -197,13 +234,15 @@ def _plan_entries(base, placed) -> list[_Entry]:
   return entries
 
 
-def _write_shards(tmp_dir, files, headers, shards, entries, total, progress):
+def _write_shards(tmp_dir: str, plan: _Plan, progress: bool
+                  ) -> dict[str, verify.TensorStats]:
   """Writes every output file: merged tensors in row pieces on a thread
-  pool, unchanged tensors by kernel copies on this thread meanwhile, each to
-  its planned offset. Files are fsynced at the end, so the disk writes back
-  one file while the next is produced."""
+  pool, unchanged tensors by OS-kernel copies on this thread meanwhile, each
+  to its planned offset. Files are fsynced at the end, so the disk writes
+  back one file while the next is produced."""
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+  entries = plan.entries
+  bar = tqdm(total=plan.total, unit="B", unit_scale=True, unit_divisor=1024,
              desc="merge", disable=not progress, dynamic_ncols=True)
   tracker = _Progress(bar)
   source_fds: dict[str, int] = {}
@@ -218,7 +257,7 @@ def _write_shards(tmp_dir, files, headers, shards, entries, total, progress):
                                                 os.O_RDONLY)
     pieces: dict[str, list[concurrent.futures.Future]] = {}
     copies = []
-    for file, header, shard in zip(files, headers, shards):
+    for file, header, shard in zip(plan.files, plan.headers, plan.shards):
       fd = os.open(os.path.join(tmp_dir, file),
                    os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
       out_fds.append(fd)
@@ -273,10 +312,10 @@ def _merge_piece(entry: _Entry, src_fd: int, dst_fd: int, dst_offset: int,
     tracker.update(block.nbytes)
 
   try:
-    return merge_kernel.merge_streamed(delta.lora_b[rows], delta.lora_a,
-                                       delta.scale, info.numpy_dtype,
-                                       read_rows, write_rows)
-  except merge_kernel.NonFiniteError as e:
+    return row_merge.merge_streamed(delta.lora_b[rows], delta.lora_a,
+                                    delta.scale, info.numpy_dtype,
+                                    read_rows, write_rows)
+  except row_merge.NonFiniteError as e:
     raise MergeError(f"merged {entry.name} (rows {rows.start}:{rows.stop}) "
                      f"{e}") from None
 

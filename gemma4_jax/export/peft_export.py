@@ -51,6 +51,24 @@ def export_adapter(adapter, out_dir: str | os.PathLike, *,
     validation.check_input_dir("base (--base)", base_dir)
   if not isinstance(adapter, adapter_lib.Adapter):
     adapter = adapter_lib.load_adapter(adapter, rank=rank, alpha=alpha)
+  _check_untied(adapter)
+  prefix = DEFAULT_PREFIX
+  if base_dir is not None:
+    base = base_lib.open_base(base_dir)
+    base_lib.place_deltas(base, adapter.deltas, untie=False)
+    prefix = base.prefix
+  tensors, modules = _peft_tensors(adapter, prefix)
+  config = _peft_config(adapter, modules, base_dir)
+  with output_dir.staged(out_dir) as tmp_dir:
+    safetensors_io.write_safetensors(
+        os.path.join(tmp_dir, adapter_lib.PEFT_WEIGHTS), tensors,
+        {"format": "pt"})
+    output_dir.write_json(os.path.join(tmp_dir, adapter_lib.PEFT_CONFIG),
+                          config)
+  return out_dir
+
+
+def _check_untied(adapter: adapter_lib.Adapter) -> None:
   for delta in adapter.deltas:
     if delta.target == mapping.LM_HEAD:
       raise ValueError(
@@ -58,11 +76,12 @@ def export_adapter(adapter, out_dir: str | os.PathLike, *,
           f"projection; a PEFT adapter on a tied Gemma 4 cannot express that "
           f"without changing the input embedding. Use `gemma4-jax merge "
           f"--untie` instead")
-  prefix = DEFAULT_PREFIX
-  if base_dir is not None:
-    base = base_lib.open_base(base_dir)
-    base_lib.place_deltas(base, adapter.deltas, untie=False)
-    prefix = base.prefix
+
+
+def _peft_tensors(adapter: adapter_lib.Adapter, prefix: str
+                  ) -> tuple[list[tuple[str, np.ndarray]], list[str]]:
+  """PEFT's `(name, array)` pairs of `lora_A`/`lora_B` weights, and the
+  module names they adapt."""
   tensors = []
   modules = []
   for delta in adapter.deltas:
@@ -73,7 +92,13 @@ def export_adapter(adapter, out_dir: str | os.PathLike, *,
                     delta.lora_a.astype(np.float32)))
     tensors.append((f"base_model.model.{module}.lora_B.weight",
                     delta.lora_b.astype(np.float32)))
-  config = {
+  return tensors, modules
+
+
+def _peft_config(adapter: adapter_lib.Adapter, modules: list[str],
+                 base_dir: str | os.PathLike | None) -> dict:
+  """PEFT's `adapter_config.json`."""
+  return {
       "peft_type": "LORA",
       "task_type": "CAUSAL_LM",
       "base_model_name_or_path": (os.path.abspath(os.fspath(base_dir))
@@ -89,13 +114,6 @@ def export_adapter(adapter, out_dir: str | os.PathLike, *,
       "inference_mode": True,
       "modules_to_save": None,
   }
-  with output_dir.staged(out_dir) as tmp_dir:
-    safetensors_io.write_safetensors(
-        os.path.join(tmp_dir, adapter_lib.PEFT_WEIGHTS), tensors,
-        {"format": "pt"})
-    output_dir.write_json(os.path.join(tmp_dir, adapter_lib.PEFT_CONFIG),
-                          config)
-  return out_dir
 
 
 __all__ = ["DEFAULT_PREFIX", "export_adapter"]

@@ -1,4 +1,4 @@
-"""Safetensors headers, positioned reads and kernel-level copies.
+"""Safetensors headers, positioned reads and OS-kernel copies.
 
 Nothing here loads a whole checkpoint: a `SafetensorsFile` holds only the
 parsed header, tensors are read with `os.pread` at their header offsets, and
@@ -18,6 +18,8 @@ from typing import Iterable, Sequence
 
 import ml_dtypes
 import numpy as np
+
+from gemma4_jax import validation
 
 # safetensors dtype tag -> numpy dtype.
 DTYPES = {
@@ -190,11 +192,8 @@ def load_checkpoint_index(directory: str | os.PathLike) -> dict[str, TensorInfo]
     raise ValueError(f"base: {directory!r} is not a directory")
   index_path = os.path.join(directory, INDEX_NAME)
   if os.path.exists(index_path):
-    try:
-      with open(index_path, encoding="utf-8") as f:
-        index = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise CorruptFileError(f"{index_path}: not valid JSON: {e}") from None
+    index = validation.load_json(index_path, lambda e: CorruptFileError(
+        f"{index_path}: not valid JSON: {e}"))
     if not isinstance(index, dict) or not isinstance(index.get("weight_map"),
                                                      dict):
       raise CorruptFileError(
@@ -295,7 +294,7 @@ def pwrite_all(fd: int, data, offset: int) -> None:
 def copy_range(src_fd: int, src_offset: int, dst_fd: int, count: int, *,
                on_progress=None) -> None:
   """Copies `count` bytes at `src_offset` to the current position of `dst_fd`
-  inside the kernel (copy_file_range, else sendfile); `on_progress(n)` is
+  inside the OS kernel (copy_file_range, else sendfile); `on_progress(n)` is
   called after each piece."""
   done = 0
   use_sendfile = not hasattr(os, "copy_file_range")

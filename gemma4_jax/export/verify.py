@@ -11,7 +11,8 @@ import numpy as np
 from gemma4_jax.export import safetensors_io
 
 # Relative tolerance of the probe per stored dtype: the merged weight is
-# rounded once to that dtype (DESIGN.md tolerance table; F16 in between).
+# rounded once to that dtype (the tolerance table in ARCHITECTURE.md; F16 in
+# between).
 PROBE_RTOL = {"F32": 1e-5, "F64": 1e-5, "F16": 1e-3, "BF16": 2e-2}
 PROBE_BATCH = 4
 PROBE_SAMPLES = 3
@@ -29,7 +30,7 @@ class VerificationError(RuntimeError):
 @dataclasses.dataclass
 class TensorStats:
   """Running mean/std of a weight before and after the merge (filled in by
-  `merge_kernel`, one block of rows at a time)."""
+  `row_merge`, one block of rows at a time)."""
   count: int = 0
   sum_before: float = 0.0
   sumsq_before: float = 0.0

@@ -1,4 +1,4 @@
-"""Gemma 4 attention: any mask rank, any length, softcap, sliding window, MQA."""
+"""Gemma 4 attention: any mask rank and length, softcap, sliding window, MQA."""
 
 from __future__ import annotations
 
@@ -20,8 +20,22 @@ from gemma4_jax.reference import attention as attention_reference
 ATTENTION_OUTPUT = attention_names.OUTPUT
 ATTENTION_LOGSUMEXP = attention_names.LOGSUMEXP
 
+
+def _pallas_tpu(q, k, v, *, sliding_window, softcap, scale, **options):
+  """The Pallas kernel, behind the checks of what only it refuses.
+
+  Checked when the kernel is traced (lowered for TPU, or in interpret mode),
+  so the XLA version still takes these inputs on other platforms.
+  """
+  _check_pallas_tpu_args(q, sliding_window=sliding_window, softcap=softcap,
+                         scale=scale)
+  return attention_pallas_tpu.attention(
+      q, k, v, sliding_window=sliding_window, softcap=softcap, scale=scale,
+      **options)
+
+
 _ATTENTION = {
-    implementations.PALLAS_TPU: attention_pallas_tpu.attention,
+    implementations.PALLAS_TPU: _pallas_tpu,
     implementations.XLA: attention_xla.attention,
     implementations.REFERENCE: attention_reference.attention,
 }
@@ -64,7 +78,9 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
     sees a key).
 
   Raises:
-    ValueError / TypeError: naming the argument and expected vs actual.
+    ValueError / TypeError: naming the argument and expected vs actual; for
+      the Pallas kernel, also a dtype other than float32 and bfloat16 and
+      numpy scalars as options (when the kernel is traced).
   """
   _check_attention_args(q, k, v, mask=mask, segment_ids=segment_ids,
                         causal=causal, sliding_window=sliding_window,
@@ -90,20 +106,17 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
 
 def _check_attention_args(q, k, v, *, mask, segment_ids, causal,
                           sliding_window, softcap, scale):
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    validation.check_array(name, x)
-    if getattr(x, "ndim", None) != 4:
-      raise ValueError(f"{name} must be 4-D ({'[B,T,N,H]' if name == 'q' else '[B,S,K,H]'}), "
-                       f"got shape {getattr(x, 'shape', type(x).__name__)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise TypeError(f"{name} must be floating, got {x.dtype}")
+  for name, x, form in (("q", q, "[B,T,N,H]"), ("k", k, "[B,S,K,H]"),
+                        ("v", v, "[B,S,K,H]")):
+    validation.check_floating(name, x, ndim=4, form=f"4-D ({form})")
   if k.shape != v.shape:
     raise ValueError(f"k and v must have the same shape, got k {k.shape} "
                      f"and v {v.shape}")
   if not q.dtype == k.dtype == v.dtype:
     raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, "
                     f"{v.dtype}")
-  (batch, q_len, num_heads, head_dim), (kv_batch, kv_len, num_kv_heads, kv_dim) = q.shape, k.shape
+  batch, q_len, num_heads, head_dim = q.shape
+  kv_batch, kv_len, num_kv_heads, kv_dim = k.shape
   if kv_batch != batch:
     raise ValueError(f"q batch B={batch} but k/v batch is {kv_batch}")
   if kv_dim != head_dim:
@@ -125,3 +138,20 @@ def _check_attention_args(q, k, v, *, mask, segment_ids, causal,
   if segment_ids is not None:
     masks.canonical_segment_ids(segment_ids, batch=batch, q_len=q_len,
                                 kv_len=kv_len)
+
+
+def _check_pallas_tpu_args(q, *, sliding_window, softcap, scale):
+  """What the Pallas kernel refuses beyond `_check_attention_args`: dtypes
+  other than float32 and bfloat16 (q, k and v share q's), and numpy
+  scalars as its static options."""
+  if q.dtype not in (jnp.float32, jnp.bfloat16):
+    raise TypeError(f"q must be float32 or bfloat16, got {q.dtype}")
+  if sliding_window is not None and not isinstance(sliding_window, int):
+    raise ValueError(f"sliding_window must be a positive int or None, got "
+                     f"{sliding_window!r}")
+  if softcap is not None and not isinstance(softcap, (int, float)):
+    raise ValueError(f"softcap must be a positive number or None, got "
+                     f"{softcap!r}")
+  if scale is not None and not isinstance(scale, (int, float)):
+    raise TypeError(f"scale must be a Python number or None, got "
+                    f"{type(scale).__name__}")

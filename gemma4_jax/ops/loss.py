@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gemma4_jax import implementations
+from gemma4_jax import mesh as mesh_lib
 from gemma4_jax import validation
-from gemma4_jax.kernels.loss import fused as loss_fused
 from gemma4_jax.kernels.loss import pallas_tpu as loss_pallas
+from gemma4_jax.kernels.loss import vjp as loss_vjp
 from gemma4_jax.kernels.loss import xla as loss_xla
 from gemma4_jax.reference import loss as loss_reference
 
@@ -43,8 +46,8 @@ def softcapped_cross_entropy(hidden, embedding, targets, weights, *,
       Tunix's one-hot loss, give nll 0 and no gradient.
     weights: `[B, T]`, boolean (a loss mask) or real.
     softcap: c in `c * tanh(logits / c)` (Gemma 4: 30), or None.
-    implementation: None, "pallas_tpu", "xla" or "reference" (module
-      docstring); "reference" materializes the logits.
+    implementation: None, "pallas_tpu", "xla" or "reference" (see
+      `gemma4_jax.ops`); "reference" materializes the logits.
     interpret: run the Pallas kernel in interpret mode (CPU).
     block_sizes: the implementation's `BlockSizes`, or None for defaults.
     mesh: a `('fsdp', 'tp')` mesh, or None for the mesh in context (none:
@@ -65,52 +68,62 @@ def softcapped_cross_entropy(hidden, embedding, targets, weights, *,
     return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32)
   targets = targets.astype(jnp.int32)
   weights = weights.astype(jnp.float32)
-  if (block_sizes is not None and name != implementations.BY_PLATFORM and
-      not isinstance(block_sizes, _LOSS_MODULES.get(name, ()))):
-    want = _LOSS_MODULES.get(name)
-    raise TypeError(f"block_sizes must be a "
-                    f"{want.__module__ if want else 'no'}.BlockSizes for "
-                    f"implementation {name!r}, got {block_sizes!r}")
-
-  def reference(hidden, embedding, targets, weights):
-    nll = loss_reference.token_nll(hidden, embedding, targets,
-                                   softcap=softcap)
-    return jnp.sum(weights * nll), jnp.sum(weights)
-
-  def fused(module):
-    # Under BY_PLATFORM, given block sizes go to the implementation they
-    # belong to; the other one takes its defaults.
-    sizes = (block_sizes if isinstance(block_sizes, module.BlockSizes)
-             else module.BlockSizes.get_default())
-    passes = module.passes(sizes, interpret=interpret)
-    return lambda h, e, t, w: loss_fused.loss_sums(
-        h, e, t, w, softcap=softcap, passes=passes, mesh=mesh)
-
+  _check_block_sizes(name, block_sizes)
+  static = dict(softcap=softcap, interpret=interpret,
+                block_sizes=block_sizes, mesh=mesh)
   run = implementations.select(
       "softcapped_cross_entropy", name,
-      {implementations.REFERENCE: reference,
-       implementations.XLA: fused(loss_xla),
-       implementations.PALLAS_TPU: fused(loss_pallas)},
-      interpret=interpret,
-      tpu_default=TPU_DEFAULT)
+      {impl: functools.partial(fn, **static)
+       for impl, fn in _IMPLEMENTATIONS.items()},
+      interpret=interpret, tpu_default=TPU_DEFAULT)
   return run(hidden, embedding, targets, weights)
 
 
-_LOSS_MODULES = {implementations.PALLAS_TPU: loss_pallas.BlockSizes,
-                 implementations.XLA: loss_xla.BlockSizes}
+def _reference(hidden, embedding, targets, weights, *, softcap, **unused):
+  del unused  # the reference has no blocks, mesh or interpret mode
+  nll = loss_reference.token_nll(hidden, embedding, targets, softcap=softcap)
+  return jnp.sum(weights * nll), jnp.sum(weights)
+
+
+def _streamed(kernels):
+  """The XLA or Pallas passes (`kernels`) in the shared `custom_vjp`."""
+
+  def run(hidden, embedding, targets, weights, *, softcap, interpret,
+          block_sizes, mesh):
+    # Under BY_PLATFORM, given block sizes go to the implementation they
+    # belong to; the other one takes its defaults.
+    sizes = (block_sizes if isinstance(block_sizes, kernels.BlockSizes)
+             else kernels.BlockSizes.get_default())
+    return loss_vjp.loss_sums(
+        hidden, embedding, targets, weights, softcap=softcap,
+        passes=kernels.passes(sizes, interpret=interpret), mesh=mesh)
+  return run
+
+
+# Implementation name -> `(hidden, embedding, targets, weights, **static)`.
+_IMPLEMENTATIONS = {implementations.REFERENCE: _reference,
+                    implementations.XLA: _streamed(loss_xla),
+                    implementations.PALLAS_TPU: _streamed(loss_pallas)}
+# Implementation name -> the `BlockSizes` class it takes.
+_BLOCK_SIZES = {implementations.PALLAS_TPU: loss_pallas.BlockSizes,
+                implementations.XLA: loss_xla.BlockSizes}
+
+
+def _check_block_sizes(name, block_sizes):
+  if (block_sizes is not None and name != implementations.BY_PLATFORM and
+      not isinstance(block_sizes, _BLOCK_SIZES.get(name, ()))):
+    want = _BLOCK_SIZES.get(name)
+    raise TypeError(f"block_sizes must be a "
+                    f"{want.__module__ if want else 'no'}.BlockSizes for "
+                    f"implementation {name!r}, got {block_sizes!r}")
 
 
 def _check_loss_args(hidden, embedding, targets, weights, softcap, mesh):
   for name, x in (("hidden", hidden), ("embedding", embedding),
                   ("targets", targets), ("weights", weights)):
     validation.check_array(name, x)
-  for name, x, rank in (("hidden", hidden, "[B, T, D]"),
-                        ("embedding", embedding, "[V, D]")):
-    if getattr(x, "ndim", None) != len(rank.split(",")):
-      raise ValueError(f"{name} must be {rank}, got shape "
-                       f"{getattr(x, 'shape', type(x).__name__)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise TypeError(f"{name} must be floating, got {x.dtype}")
+  validation.check_floating("hidden", hidden, ndim=3, form="[B, T, D]")
+  validation.check_floating("embedding", embedding, ndim=2, form="[V, D]")
   if hidden.dtype != embedding.dtype:
     raise TypeError(f"hidden and embedding must share a dtype, got "
                     f"{hidden.dtype} and {embedding.dtype}")
@@ -134,7 +147,7 @@ def _check_loss_args(hidden, embedding, targets, weights, softcap, mesh):
     raise ValueError(f"embedding must have V >= 1 rows and D >= 1 columns, "
                      f"got shape {embedding.shape}")
   validation.check_mesh("softcapped_cross_entropy", mesh)
-  wanted = (loss_fused.BATCH_AXIS, loss_fused.VOCAB_AXIS)
+  wanted = mesh_lib.AXES
   if mesh is not None and not set(wanted) & set(mesh.axis_names):
     # It would run unsharded without a word.
     raise ValueError(f"softcapped_cross_entropy: mesh has axes "

@@ -12,6 +12,9 @@ Gemma 4's forms: `BTD,NDH->BTNH` (q), `BSD,CKDH->CBSKH` (kv), `BSD,KDH->BSKH`
 (k when k == v), `BTNH,NHD->BTD` (attention output), `BTD,DNP->BTNP` and
 `BTD,DX->BTX` (per-layer model projection, Tunix 0.1.7 and current),
 `BTD,DP->BTP` (per-layer input gate), `BTP,PD->BTD` (per-layer projection).
+
+`gemma4_jax.ops.lora` checks the ops' arguments; the checks here are the
+ones this module's own tests call it for.
 """
 
 from __future__ import annotations
@@ -57,8 +60,6 @@ def lora_einsum(equation: str, x, w, lora_a, lora_b, *, scale):
     ValueError / TypeError: naming the argument and expected vs actual.
   """
   lhs, rhs, _ = _parse_equation(equation)
-  _check_floating(x=x, w=w, lora_a=lora_a, lora_b=lora_b)
-  _check_scale(scale)
   for name, array, axes in (("x", x, lhs), ("w", w, rhs)):
     if array.ndim != len(axes):
       raise ValueError(f"{name} must have rank {len(axes)} ({axes} in "
@@ -98,7 +99,7 @@ def lora_matmul(x, w, a, b, *, scale, adapter_ids=None):
   Raises:
     ValueError / TypeError: naming the argument and expected vs actual.
   """
-  _check_floating(x=x, w=w, a=a, b=b)
+  _check_floating(x)
   _check_scale(scale)
   if x.ndim < 1 or w.ndim != 2 or x.shape[-1] != w.shape[0]:
     raise ValueError(f"x must be [..., K] and w [K, N] with the same K, got "
@@ -109,13 +110,7 @@ def lora_matmul(x, w, a, b, *, scale, adapter_ids=None):
       raise ValueError(f"a must be [K, r] and b [r, N] with K={k}, N={n}, got "
                        f"a {a.shape} and b {b.shape}")
   else:
-    ids_dtype = getattr(adapter_ids, "dtype", None)
-    if ids_dtype is None or not jnp.issubdtype(ids_dtype, jnp.integer):
-      raise TypeError(f"adapter_ids must be an integer array, got dtype "
-                      f"{ids_dtype}")
-    if adapter_ids.shape != x.shape[:-1]:
-      raise ValueError(f"adapter_ids must have shape x.shape[:-1] = "
-                       f"{x.shape[:-1]}, got {adapter_ids.shape}")
+    check_adapter_ids(adapter_ids, x)
     num = a.shape[0] if a.ndim == 3 else 0
     if a.shape != (num, k, r) or b.shape != (num, r, n):
       raise ValueError(f"with adapter_ids, a must be [n, K, r] and b [n, r, N] "
@@ -139,6 +134,23 @@ def lora_matmul(x, w, a, b, *, scale, adapter_ids=None):
   return (frozen + scale * delta).astype(x.dtype)
 
 
+def check_adapter_ids(adapter_ids, x) -> None:
+  """Integer ids, one per row of `x` (`x.shape[:-1]`); `ops.lora_matmul`
+  checks its ids with this too.
+
+  Raises:
+    TypeError: non-integer ids.
+    ValueError: ids of another shape.
+  """
+  ids_dtype = getattr(adapter_ids, "dtype", None)
+  if ids_dtype is None or not jnp.issubdtype(ids_dtype, jnp.integer):
+    raise TypeError(f"adapter_ids must be an integer array, got dtype "
+                    f"{ids_dtype}")
+  if adapter_ids.shape != x.shape[:-1]:
+    raise ValueError(f"adapter_ids must have shape x.shape[:-1] = "
+                     f"{x.shape[:-1]}, got {adapter_ids.shape}")
+
+
 def _parse_equation(equation):
   if not isinstance(equation, str):
     raise TypeError(f"equation must be a str, got {type(equation).__name__}")
@@ -151,11 +163,10 @@ def _parse_equation(equation):
   return lhs, rhs, out
 
 
-def _check_floating(**arrays):
-  for name, array in arrays.items():
-    dtype = getattr(array, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-      raise TypeError(f"{name} must be a floating array, got dtype {dtype}")
+def _check_floating(x):
+  dtype = getattr(x, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"x must be a floating array, got dtype {dtype}")
 
 
 def _check_scale(scale):

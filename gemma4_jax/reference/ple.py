@@ -32,9 +32,8 @@ def ple_lookup(per_layer_table, tokens, *, num_layers, per_layer_dim):
   Raises:
     ValueError / TypeError: naming the argument and expected vs actual.
   """
-  _check_table(per_layer_table, num_layers=num_layers,
-               per_layer_dim=per_layer_dim)
-  _check_tokens(tokens)
+  _check_lookup(per_layer_table, tokens, num_layers=num_layers,
+                per_layer_dim=per_layer_dim)
   return _lookup(per_layer_table, tokens, num_layers, per_layer_dim)
 
 
@@ -61,9 +60,8 @@ def per_layer_inputs(embeddings, tokens, per_layer_table, model_projection,
   Raises:
     ValueError / TypeError: naming the argument and expected vs actual.
   """
-  _check_table(per_layer_table, num_layers=num_layers,
-               per_layer_dim=per_layer_dim)
-  _check_tokens(tokens)
+  _check_lookup(per_layer_table, tokens, num_layers=num_layers,
+                per_layer_dim=per_layer_dim)
   check_combine_args(embeddings, tokens, model_projection,
                      projection_norm_scale, num_layers=num_layers,
                      per_layer_dim=per_layer_dim)
@@ -82,15 +80,52 @@ def per_layer_inputs(embeddings, tokens, per_layer_table, model_projection,
   return ((normed + rows) * 2.0 ** -0.5).astype(embeddings.dtype)
 
 
+# The checks below are the reference's own (its tests assert that it raises)
+# and the shape checks `gemma4_jax.ops.ple` runs, once, in front of every
+# implementation: one copy of each message.
+
+
+def check_table(per_layer_table, *, num_layers, per_layer_dim):
+  """`per_layer_table` is `[V, L, P]` or `[V, L*P]` for these L and P.
+
+  Raises:
+    ValueError: naming the table's shape and the expected one.
+  """
+  shape = getattr(per_layer_table, "shape", None)
+  if shape is None or len(shape) not in (2, 3):
+    raise ValueError(f"per_layer_table must be [V, L, P] or [V, L*P], got "
+                     f"shape {shape}")
+  want = ((num_layers, per_layer_dim) if len(shape) == 3
+          else (num_layers * per_layer_dim,))
+  if tuple(shape[1:]) != want:
+    raise ValueError(f"per_layer_table of shape {tuple(shape)} does not match "
+                     f"num_layers={num_layers}, per_layer_dim={per_layer_dim}: "
+                     f"expected [V, *{want}]")
+
+
+def check_tokens(tokens):
+  """`tokens` is an integer `[B, T]` array.
+
+  Raises:
+    TypeError / ValueError: naming the dtype or shape given.
+  """
+  dtype = getattr(tokens, "dtype", None)
+  if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(f"tokens must be an integer array, got dtype {dtype}")
+  if tokens.ndim != 2:
+    raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+
+
 def check_combine_args(embeddings, tokens, model_projection,
                        projection_norm_scale, *, num_layers, per_layer_dim):
-  """Checks `per_layer_inputs`' arguments other than the table (shared with
-  `gemma4_jax.ops`); raises ValueError / TypeError naming the argument."""
+  """`per_layer_inputs`' arguments other than the table agree in shape.
+
+  Raises:
+    ValueError: naming the argument, the expected and the actual shape.
+  """
   if getattr(embeddings, "ndim", None) != 3:
     raise ValueError(f"embeddings must be [B, T, D], got shape "
                      f"{getattr(embeddings, 'shape', type(embeddings))}")
-  if not jnp.issubdtype(embeddings.dtype, jnp.floating):
-    raise TypeError(f"embeddings must be floating, got {embeddings.dtype}")
   if embeddings.shape[:2] != tokens.shape:
     raise ValueError(f"embeddings [B, T, D] and tokens [B, T] disagree: "
                      f"{embeddings.shape} vs {tokens.shape}")
@@ -115,26 +150,11 @@ def _lookup(per_layer_table, tokens, num_layers, per_layer_dim):
   return table[tokens]  # [B, T, L, P]
 
 
-def _check_table(per_layer_table, *, num_layers, per_layer_dim):
+def _check_lookup(per_layer_table, tokens, *, num_layers, per_layer_dim):
   for name, value in (("num_layers", num_layers),
                       ("per_layer_dim", per_layer_dim)):
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"{name} must be a positive int, got {value!r}")
-  shape = getattr(per_layer_table, "shape", None)
-  if shape is None or len(shape) not in (2, 3):
-    raise ValueError(f"per_layer_table must be [V, L, P] or [V, L*P], got "
-                     f"shape {shape}")
-  want = ((num_layers, per_layer_dim) if len(shape) == 3
-          else (num_layers * per_layer_dim,))
-  if tuple(shape[1:]) != want:
-    raise ValueError(f"per_layer_table of shape {tuple(shape)} does not match "
-                     f"num_layers={num_layers}, per_layer_dim={per_layer_dim}: "
-                     f"expected [V, *{want}]")
-
-
-def _check_tokens(tokens):
-  dtype = getattr(tokens, "dtype", None)
-  if dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-    raise TypeError(f"tokens must be an integer array, got dtype {dtype}")
-  if tokens.ndim != 2:
-    raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
+  check_table(per_layer_table, num_layers=num_layers,
+              per_layer_dim=per_layer_dim)
+  check_tokens(tokens)

@@ -27,63 +27,39 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-from jax.interpreters import pxla
 from jax.sharding import PartitionSpec as P
 
 from gemma4_jax import masks
-
-BATCH_AXIS = "fsdp"
-HEAD_AXIS = "tp"
-
-
-def active_mesh() -> jax.sharding.AbstractMesh | jax.sharding.Mesh | None:
-  """The mesh set by `jax.set_mesh`, else by `with mesh:`, else None."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if not mesh.empty:
-    return mesh
-  physical = pxla.thread_resources.env.physical_mesh
-  return None if physical.empty else physical
+from gemma4_jax import mesh as mesh_lib
 
 
 def attention(implementation: Callable, q, k, v, *, mask=None,
-              segment_ids=None, mesh=None, batch_axis: str = BATCH_AXIS,
-              head_axis: str = HEAD_AXIS):
+              segment_ids=None, mesh=None, batch_axis: str = mesh_lib.FSDP,
+              head_axis: str = mesh_lib.TP):
   """`implementation(q, k, v, mask=, segment_ids=)` run per shard.
 
   Args:
     implementation: an attention function with every option but the mask
       and segment ids bound (arguments already validated).
     q, k, v, mask, segment_ids: as `gemma4_jax.ops.attention`.
-    mesh: the mesh to shard over; `active_mesh()` when None. Without one, or
-      when neither axis splits anything, `implementation` runs as is.
+    mesh: the mesh to shard over; `mesh_lib.in_context()` when None.
+      Without one, or when neither axis splits anything, `implementation`
+      runs as is.
     batch_axis, head_axis: mesh axes for the batch and the query heads.
 
   Returns:
     `[B, T, N, H]`, sharded like `q` is in Tunix (`P(batch, None, heads,
     None)` over the axes that split).
   """
-  mesh = active_mesh() if mesh is None else mesh
+  mesh = mesh_lib.in_context() if mesh is None else mesh
   batch, q_len, num_heads, _ = q.shape
   kv_len, num_kv_heads = k.shape[1], k.shape[2]
   batch_spec = _axis_if_divides(mesh, batch_axis, batch)
-  head_spec = _axis_if_divides(mesh, head_axis, num_heads)
+  head_spec, kv_head_spec, kv_head_of_shard = _head_split(
+      mesh, _axis_if_divides(mesh, head_axis, num_heads), num_heads,
+      num_heads // num_kv_heads)
   if batch_spec is None and head_spec is None:
     return implementation(q, k, v, mask=mask, segment_ids=segment_ids)
-
-  group = num_heads // num_kv_heads
-  heads_per_shard = num_heads // (mesh.shape[head_spec] if head_spec else 1)
-  # K/V heads split with the query heads, or replicated with one picked per
-  # shard, or (heads not split) kept whole.
-  kv_head_spec, pick_kv_head = None, False
-  if head_spec is not None:
-    if heads_per_shard % group == 0:
-      kv_head_spec = head_spec
-    elif group % heads_per_shard == 0:
-      pick_kv_head = True
-    else:  # a shard's query heads straddle two KV heads unevenly
-      head_spec, heads_per_shard = None, num_heads
-      if batch_spec is None:
-        return implementation(q, k, v, mask=mask, segment_ids=segment_ids)
 
   args, specs = [q, k, v], [P(batch_spec, None, head_spec, None),
                             P(batch_spec, None, kv_head_spec, None),
@@ -104,8 +80,8 @@ def attention(implementation: Callable, q, k, v, *, mask=None,
     rest = list(rest)
     local_mask = rest.pop(0) if mask is not None else None
     local_ids = rest.pop(0) if segment_ids is not None else None
-    if pick_kv_head:
-      kv_head = jax.lax.axis_index(head_spec) * heads_per_shard // group
+    if kv_head_of_shard is not None:
+      kv_head = kv_head_of_shard()
       k = jax.lax.dynamic_slice_in_dim(k, kv_head, 1, axis=2)
       v = jax.lax.dynamic_slice_in_dim(v, kv_head, 1, axis=2)
     return implementation(q, k, v, mask=local_mask, segment_ids=local_ids)
@@ -113,10 +89,30 @@ def attention(implementation: Callable, q, k, v, *, mask=None,
   # check_vma=False: a `pallas_call`'s out_shape carries no varying-axes
   # type, which the check demands inside shard_map (the LoRA, PLE and loss
   # wrappers do the same). The replicated K/V's gradient is still summed
-  # over the head axis by shard_map's transpose (tests/test_attention_sharding.py).
+  # over the head axis by shard_map's transpose
+  # (tests/attention/test_attention_sharding.py).
   return jax.shard_map(per_shard, mesh=mesh, in_specs=tuple(specs),
                        out_specs=P(batch_spec, None, head_spec, None),
                        check_vma=False)(*args)
+
+
+def _head_split(mesh, head_spec: str | None, num_heads: int, group: int):
+  """How the heads split: `(query head axis, K/V head axis, kv_head_of_shard)`.
+
+  K/V heads split with the query heads, or are replicated with one picked
+  per shard (`kv_head_of_shard()` gives its index inside `shard_map`, else
+  it is None), or, heads not split, kept whole. A shard whose query heads
+  would straddle two KV heads unevenly does not split the heads at all.
+  """
+  if head_spec is None:
+    return None, None, None
+  heads_per_shard = num_heads // mesh.shape[head_spec]
+  if heads_per_shard % group == 0:
+    return head_spec, head_spec, None
+  if group % heads_per_shard == 0:
+    return head_spec, None, (
+        lambda: jax.lax.axis_index(head_spec) * heads_per_shard // group)
+  return None, None, None
 
 
 def _axis_if_divides(mesh, axis: str, size: int) -> str | None:

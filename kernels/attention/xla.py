@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gemma4_jax import masks
+from gemma4_jax.kernels import _tpu
 from gemma4_jax.kernels import attention as attention_names
 
 DEFAULT_BLOCK_Q = 512
@@ -97,9 +98,9 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
   q_padded = num_q_blocks * block_q
   kv_padded = num_kv_blocks * block_kv
 
-  q = _pad(q.reshape(batch, q_len, num_kv_heads, group, head_dim), 1,
-           q_padded)
-  k, v = _pad(k, 1, kv_padded), _pad(v, 1, kv_padded)
+  q = _tpu.pad_axis(q.reshape(batch, q_len, num_kv_heads, group, head_dim),
+                    1, q_padded)
+  k, v = _tpu.pad_axis(k, 1, kv_padded), _tpu.pad_axis(v, 1, kv_padded)
   if mask is not None:
     mask = masks.canonical_mask(mask, batch=batch, num_heads=num_heads,
                                 q_len=q_len, kv_len=kv_len)
@@ -108,14 +109,15 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
                           *mask.shape[2:])
     else:
       mask = mask[:, :, None]
-    mask = _pad(mask, 4, kv_padded)  # [B|1, K|1, G|1, T|1, S]
+    mask = _tpu.pad_axis(mask, 4, kv_padded)  # [B|1, K|1, G|1, T|1, S]
     if mask.shape[3] != 1:
-      mask = _pad(mask, 3, q_padded)
+      mask = _tpu.pad_axis(mask, 3, q_padded)
   q_ids = kv_ids = None
   if segment_ids is not None:
     q_ids, kv_ids = masks.canonical_segment_ids(
         segment_ids, batch=batch, q_len=q_len, kv_len=kv_len)
-    q_ids, kv_ids = _pad(q_ids, 1, q_padded), _pad(kv_ids, 1, kv_padded)
+    q_ids = _tpu.pad_axis(q_ids, 1, q_padded)
+    kv_ids = _tpu.pad_axis(kv_ids, 1, kv_padded)
   first, end = _kv_block_ranges(config, mask, num_q_blocks, num_kv_blocks)
   out = _attention(config, q, k, v, mask, q_ids, kv_ids, first, end)
   return out[:, :q_len].reshape(batch, q_len, num_heads, head_dim)
@@ -125,14 +127,6 @@ def _split(length: int, block: int) -> tuple[int, int]:
   """(block length, number of blocks) covering `length` with least padding."""
   count = -(-length // block)
   return -(-length // count), count
-
-
-def _pad(x, axis: int, size: int):
-  if x.shape[axis] == size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths)
 
 
 def _kv_block_ranges(config: _Config, mask, num_q_blocks: int,

@@ -28,8 +28,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from gemma4_jax.kernels.lora import kernel
-from gemma4_jax.kernels.lora import pallas
+from gemma4_jax.kernels import _tpu
+from gemma4_jax.kernels.lora import pallas_tpu
 from gemma4_jax.kernels.lora import xla
 
 
@@ -76,9 +76,10 @@ class EinsumPlan:
 
 
 def plan(equation: str, x_shape, w_shape, *,
-         block_sizes: kernel.BlockSizes | None = None) -> EinsumPlan | None:
+         block_sizes: pallas_tpu.BlockSizes | None = None
+         ) -> EinsumPlan | None:
   """Maps `equation` onto the op, or None when it cannot be expressed."""
-  block_sizes = block_sizes or kernel.BlockSizes.get_default()
+  block_sizes = block_sizes or pallas_tpu.BlockSizes.get_default()
   operands, arrow, out = equation.replace(" ", "").partition("->")
   lhs, comma, rhs = operands.partition(",")
   if not (arrow and comma and (lhs + rhs + out).isalpha()):
@@ -106,9 +107,9 @@ def plan(equation: str, x_shape, w_shape, *,
   grouped = groups == 1 and out_groups == 1
   if not grouped:
     segments = (n_per_group, groups * n_per_group // out_groups)
-    grouped = bool(n_per_group % kernel.NUM_LANES == 0 and
-                   kernel.pick_tile(segments, block_sizes.tn) and
-                   kernel.pick_tile(segments, block_sizes.tk))
+    grouped = bool(n_per_group % _tpu.NUM_LANES == 0 and
+                   pallas_tpu.pick_tile(segments, block_sizes.tn) and
+                   pallas_tpu.pick_tile(segments, block_sizes.tk))
   order = [None, *group, *column]
   return EinsumPlan(
       batch_shape=tuple(size[c] for c in batch),
@@ -129,7 +130,8 @@ def to_output(plan_: EinsumPlan, rows_by_columns):
 
 
 def run_pallas(plan_: EinsumPlan, x, w, lora_a, lora_b, *, scale: float,
-               w_scale=None, block_sizes: kernel.BlockSizes | None = None,
+               w_scale=None,
+               block_sizes: pallas_tpu.BlockSizes | None = None,
                interpret: bool = False):
   """The einsum with the fused Pallas kernel (see `plan`).
 
@@ -141,7 +143,7 @@ def run_pallas(plan_: EinsumPlan, x, w, lora_a, lora_b, *, scale: float,
     w3 = w.reshape(plan_.groups, plan_.k, plan_.n // plan_.groups)
     if w_scale is not None:
       w_scale = w_scale.reshape(plan_.groups, 1, plan_.n // plan_.groups)
-    out = pallas.grouped_lora_matmul(
+    out = pallas_tpu.grouped_lora_matmul(
         x2, w3, a2, b2, scale=scale, rank=a2.shape[1], w_scale=w_scale,
         out_groups=plan_.out_groups, block_sizes=block_sizes,
         interpret=interpret)
@@ -149,7 +151,7 @@ def run_pallas(plan_: EinsumPlan, x, w, lora_a, lora_b, *, scale: float,
   w2 = w.transpose(plan_.w_perm).reshape(plan_.k, plan_.n)
   if w_scale is not None:
     w_scale = w_scale.transpose(plan_.w_perm).reshape(plan_.n)
-  return to_output(plan_, pallas.lora_matmul(
+  return to_output(plan_, pallas_tpu.lora_matmul(
       x2, w2, a2, b2, scale=scale, w_scale=w_scale, block_sizes=block_sizes,
       interpret=interpret))
 

@@ -23,25 +23,14 @@ An axis that does not divide its dimension is left replicated.
 from __future__ import annotations
 
 import jax
-from jax.interpreters import pxla
 from jax.sharding import PartitionSpec as P
 
-BATCH_AXIS = "fsdp"
-
-
-def current_mesh():
-  """The mesh in effect: `jax.set_mesh`/`use_mesh`, else `with mesh:` (what
-  Tunix's trainers use), else None."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh is not None and not mesh.empty:
-    return mesh
-  physical = pxla.thread_resources.env.physical_mesh
-  return None if physical.empty else physical
+from gemma4_jax import mesh as mesh_lib
 
 
 def shard_einsum(local_fn, equation: str, x, w, lora_a, lora_b, *, mesh,
                  w_axes, w_scale=None, adapter_ids=None,
-                 batch_axis: str = BATCH_AXIS):
+                 batch_axis: str = mesh_lib.FSDP):
   """Runs `local_fn(x, w, lora_a, lora_b, w_scale, adapter_ids)` per shard.
 
   Args:

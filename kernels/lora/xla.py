@@ -4,7 +4,7 @@ The same math as the Pallas kernel: float32 accumulation, the rank-r
 product `x @ A` kept in float32 (not rounded to x's dtype), `W` frozen
 (`stop_gradient`: no `dW`), an int8 `W` dequantized per output
 channel, and many adapters run as one stacked adapter with a per-row column
-mask (`common.stack_adapters`). XLA tiles the dots itself, so no explicit
+mask (`adapters.py`). XLA tiles the dots itself, so no explicit
 blocking is needed; autodiff gives `dx`, `dA`, `dB`.
 """
 
@@ -13,11 +13,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gemma4_jax.kernels.lora import common
+from gemma4_jax.kernels.lora import adapters
 
 
 def lora_matmul(x, w, a, b, *, scale: float, adapter_ids=None, w_scale=None):
-  """`x @ w + scale * (x @ a) @ b`; arguments as `pallas.lora_matmul`.
+  """`x @ w + scale * (x @ a) @ b`; arguments as `pallas_tpu.lora_matmul`.
 
   Returns:
     `[M, N]` in x's dtype.
@@ -50,9 +50,8 @@ def lora_delta(x, a, b, *, scale: float, adapter_ids=None):
   if adapter_ids is None:
     a_cat, b_cat = a, b
   else:
-    a_cat, b_cat, rank = common.stack_adapters(a, b)
+    a_cat, b_cat, rank = adapters.stack_adapters(a, b)
   down = jnp.dot(x.astype(jnp.float32), a_cat.astype(jnp.float32))
   if adapter_ids is not None:
-    column_adapter = jnp.arange(a_cat.shape[1]) // rank
-    down = jnp.where(column_adapter == adapter_ids[:, None], down, 0.0)
+    down = adapters.own_adapter_columns(down, adapter_ids[:, None], rank)
   return jnp.dot(scale * down, b_cat.astype(jnp.float32))

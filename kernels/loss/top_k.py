@@ -1,9 +1,10 @@
 """Top-k next tokens and their probabilities without the `[T, V]` logits.
 
-Vocab chunks `[T, block_vocab]` of the softcapped logits stream through a
-`lax.scan` that keeps a running top-k (merged with each chunk by
-`lax.top_k` over `k + block_vocab` candidates) and an online float32
-logsumexp; probabilities are `exp(top logits - logsumexp)` at the end.
+Vocab chunks `[T, block_vocab]` of the softcapped logits (the fused loss's
+tile math, `tile`) stream through a `lax.scan` that keeps a running top-k
+(merged with each chunk by `lax.top_k` over `k + block_vocab` candidates)
+and an online float32 logsumexp; probabilities are `exp(top logits -
+logsumexp)` at the end. It serves the perplexity command's `--top-k`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gemma4_jax.kernels.loss import common
+from gemma4_jax.kernels import _tpu
+from gemma4_jax.kernels.loss import tile
 
 DEFAULT_BLOCK_VOCAB = 8192
 
@@ -41,31 +43,26 @@ def top_k_next_tokens(hidden, embedding, k, *, softcap=30.0,
   if not (isinstance(k, int) and 1 <= k <= vocab):
     raise ValueError(f"k must be an int in [1, V = {vocab}], got {k!r}")
   tv = min(block_vocab, vocab)
-  e = jnp.pad(embedding, ((0, -vocab % tv), (0, 0))).reshape(-1, tv, dim)
+  e = _tpu.pad_axis(embedding, 0, _tpu.round_up(vocab, tv))
+  e = e.reshape(-1, tv, dim)
   tokens = hidden.shape[0]
 
   def chunk(carry, j):
     top_vals, top_ids, row_max, sum_exp = carry
-    z = common.matmul_nt(hidden, e[j])
-    logits, _ = common.softcap_logits(z, softcap)
-    ids = j * tv + jnp.arange(tv)[None, :]
-    logits = jnp.where(ids < vocab, logits, -jnp.inf)
-    new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
-    sum_exp = (sum_exp * jnp.exp(row_max - new_max) +
-               jnp.sum(jnp.exp(logits - new_max[:, None]), axis=1))
-    vals = jnp.concatenate([top_vals, logits], axis=1)
-    cand = jnp.concatenate(
-        [top_ids, jnp.broadcast_to(ids, logits.shape).astype(jnp.int32)],
-        axis=1)
-    top_vals, where = jax.lax.top_k(vals, k)
-    top_ids = jnp.take_along_axis(cand, where, axis=1)
-    return (top_vals, top_ids, new_max, sum_exp), None
+    logits, _, ids = tile.logits(hidden, e[j], j, block_vocab=tv,
+                                 vocab=vocab, softcap=softcap)
+    row_max, sum_exp = tile.online_logsumexp(row_max, sum_exp, logits)
+    top_vals, where = jax.lax.top_k(
+        jnp.concatenate([top_vals, logits], axis=1), k)
+    top_ids = jnp.take_along_axis(jnp.concatenate([top_ids, ids], axis=1),
+                                  where, axis=1)
+    return (top_vals, top_ids, row_max, sum_exp), None
 
   init = (jnp.full((tokens, k), -jnp.inf, jnp.float32),
           jnp.zeros((tokens, k), jnp.int32),
-          jnp.full((tokens,), -jnp.inf, jnp.float32),
-          jnp.zeros((tokens,), jnp.float32))
+          jnp.full((tokens, 1), -jnp.inf, jnp.float32),
+          jnp.zeros((tokens, 1), jnp.float32))
   (top_vals, top_ids, row_max, sum_exp), _ = jax.lax.scan(
       chunk, init, jnp.arange(e.shape[0]))
-  log_z = row_max + jnp.log(sum_exp)
-  return top_ids, jnp.exp(top_vals - log_z[:, None]), log_z
+  log_z = row_max + jnp.log(sum_exp)  # [T, 1]
+  return top_ids, jnp.exp(top_vals - log_z), log_z[:, 0]

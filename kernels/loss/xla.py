@@ -15,8 +15,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from gemma4_jax.kernels.loss import common
-from gemma4_jax.kernels.loss import fused
+from gemma4_jax.kernels import _tpu
+from gemma4_jax.kernels.loss import tile
+from gemma4_jax.kernels.loss import vjp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,11 +31,7 @@ class BlockSizes:
   block_vocab: int = 4096
 
   def __post_init__(self):
-    for name in ("block_tokens", "block_vocab"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"BlockSizes.{name} must be a positive int, got "
-                         f"{value!r}")
+    _tpu.check_block_sizes(self, block_tokens=1, block_vocab=1)
 
   @classmethod
   def get_default(cls) -> "BlockSizes":
@@ -42,11 +39,11 @@ class BlockSizes:
 
 
 def passes(block_sizes: BlockSizes, *, interpret: bool = False
-           ) -> fused.Passes:
-  """The three chunked passes as `fused.Passes` (`interpret` is unused)."""
+           ) -> vjp.Passes:
+  """The three chunked passes as `vjp.Passes` (`interpret` is unused)."""
   del interpret  # no Pallas kernel here
   bound = dict(block_sizes=block_sizes)
-  return fused.Passes(
+  return vjp.Passes(
       forward_stats=functools.partial(forward_stats, **bound),
       backward_hidden=functools.partial(backward_hidden, **bound),
       backward_embedding=functools.partial(backward_embedding, **bound))
@@ -66,22 +63,21 @@ def forward_stats(hidden, embedding, targets, *, softcap, block_sizes):
     float32 `row_max [N]`, `sum_exp [N]` (relative to row_max) and
     `target_logit [N]` (0 where the target is not in this slice).
   """
-  h, e, t, tn, tv, vocab = _tiled(hidden, embedding, targets, block_sizes)
+  h, e, t, tn, tv = _tiled(hidden, embedding, targets, block_sizes)
+  tile_args = dict(block_vocab=tv, vocab=embedding.shape[0], softcap=softcap)
 
   def token_chunk(args):
     h_c, t_c = args
 
     def vocab_chunk(carry, j):
       row_max, sum_exp, picked = carry
-      logits, _, cols = _tile(h_c, e(j), j, tv, softcap, vocab)
-      new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
-      sum_exp = (sum_exp * jnp.exp(row_max - new_max) +
-                 jnp.sum(jnp.exp(logits - new_max[:, None]), axis=1))
-      picked += jnp.sum(jnp.where(cols == t_c[:, None], logits, 0.0), axis=1)
-      return (new_max, sum_exp, picked), None
+      logits, _, ids = tile.logits(h_c, e(j), j, **tile_args)
+      row_max, sum_exp = tile.online_logsumexp(row_max, sum_exp, logits)
+      picked += tile.target_logit(logits, ids, t_c)
+      return (row_max, sum_exp, picked), None
 
-    init = (jnp.full((tn,), -jnp.inf, jnp.float32),
-            jnp.zeros((tn,), jnp.float32), jnp.zeros((tn,), jnp.float32))
+    init = (jnp.full((tn, 1), -jnp.inf, jnp.float32),
+            jnp.zeros((tn, 1), jnp.float32), jnp.zeros((tn, 1), jnp.float32))
     out, _ = jax.lax.scan(vocab_chunk, init, jnp.arange(e.count))
     return out
 
@@ -98,16 +94,17 @@ def backward_hidden(hidden, embedding, targets, lse, scale, *, softcap,
   `dz = scale * (softmax - onehot) * (1 - tanh^2)`, with `lse` the full
   logsumexp `[N]` and `scale` the loss cotangent times the weight `[N]`.
   """
-  h, e, t, tn, tv, vocab = _tiled(hidden, embedding, targets, block_sizes)
-  lse, scale = (_pad_tokens(x, tn).reshape(-1, tn) for x in (lse, scale))
+  h, e, t, tn, tv = _tiled(hidden, embedding, targets, block_sizes)
+  lse, scale = (_token_columns(x, tn) for x in (lse, scale))
+  tile_args = dict(block_vocab=tv, vocab=embedding.shape[0], softcap=softcap)
 
   def token_chunk(args):
     h_c, t_c, lse_c, scale_c = args
 
     def vocab_chunk(acc, j):
       e_j = e(j)
-      dz = _dz(h_c, e_j, j, tv, t_c, lse_c, scale_c, softcap, vocab)
-      return acc + common.matmul(dz.astype(e_j.dtype), e_j), None
+      dz = tile.logit_grad(h_c, e_j, j, t_c, lse_c, scale_c, **tile_args)
+      return acc + tile.matmul(dz.astype(e_j.dtype), e_j), None
 
     acc, _ = jax.lax.scan(vocab_chunk,
                           jnp.zeros((tn, hidden.shape[1]), jnp.float32),
@@ -121,13 +118,15 @@ def backward_hidden(hidden, embedding, targets, lse, scale, *, softcap,
 def backward_embedding(hidden, embedding, targets, lse, scale, *, softcap,
                        block_sizes):
   """`sum_n dz[n, v] h[n]` for this vocab slice, float32 `[Vs, D]`."""
-  h, e, t, tn, tv, vocab = _tiled(hidden, embedding, targets, block_sizes)
-  lse, scale = (_pad_tokens(x, tn).reshape(-1, tn) for x in (lse, scale))
+  h, e, t, tn, tv = _tiled(hidden, embedding, targets, block_sizes)
+  lse, scale = (_token_columns(x, tn) for x in (lse, scale))
+  tile_args = dict(block_vocab=tv, vocab=embedding.shape[0], softcap=softcap)
 
   def vocab_chunk(j):
     def token_chunk(acc, i):
-      dz = _dz(h[i], e(j), j, tv, t[i], lse[i], scale[i], softcap, vocab)
-      return acc + common.matmul_t(dz.astype(h.dtype), h[i]), None
+      dz = tile.logit_grad(h[i], e(j), j, t[i], lse[i], scale[i],
+                           **tile_args)
+      return acc + tile.matmul_t(dz.astype(h.dtype), h[i]), None
 
     acc, _ = jax.lax.scan(token_chunk,
                           jnp.zeros((tv, hidden.shape[1]), jnp.float32),
@@ -135,7 +134,7 @@ def backward_embedding(hidden, embedding, targets, lse, scale, *, softcap,
     return acc
 
   de = jax.lax.map(vocab_chunk, jnp.arange(e.count))
-  return de.reshape(-1, hidden.shape[1])[:vocab]
+  return de.reshape(-1, hidden.shape[1])[:embedding.shape[0]]
 
 
 class _Chunks:
@@ -160,33 +159,14 @@ class _Chunks:
 
 def _tiled(hidden, embedding, targets, block_sizes):
   """Pads and splits into chunks: h `[nt, tn, D]`, e `[nv, tv, D]` (read
-  with `e(j)`)."""
-  n, d = hidden.shape
-  vocab = embedding.shape[0]
-  tn = min(block_sizes.block_tokens, n)
-  tv = min(block_sizes.block_vocab, vocab)
-  h = _pad_tokens(hidden, tn).reshape(-1, tn, d)
-  # Padded token rows get target -1 (no column); padded vocab rows are masked.
-  t = jnp.pad(targets, (0, -n % tn), constant_values=-1).reshape(-1, tn)
-  e = embedding
-  if vocab % tv:
-    e = jnp.pad(embedding, ((0, -vocab % tv), (0, 0)))
-  return h, _Chunks(e, tv), t, tn, tv, vocab
+  with `e(j)`), target columns `[nt, tn, 1]`; and tn, tv."""
+  tn = min(block_sizes.block_tokens, hidden.shape[0])
+  tv = min(block_sizes.block_vocab, embedding.shape[0])
+  h, e, t = tile.pad_to_blocks(hidden, embedding, targets, tn, tv)
+  return (h.reshape(-1, tn, hidden.shape[1]), _Chunks(e, tv),
+          t.reshape(-1, tn, 1), tn, tv)
 
 
-def _pad_tokens(x, tn):
-  return jnp.pad(x, [(0, -x.shape[0] % tn)] + [(0, 0)] * (x.ndim - 1))
-
-
-def _tile(h_c, e_c, j, tv, softcap, vocab):
-  """Softcapped logits of one tile (padding columns at -inf), tanh, ids."""
-  z = common.matmul_nt(h_c, e_c)
-  cols = j * tv + jnp.arange(tv)[None, :]
-  logits, tanh = common.softcap_logits(z, softcap)
-  return jnp.where(cols < vocab, logits, -jnp.inf), tanh, cols
-
-
-def _dz(h_c, e_c, j, tv, t_c, lse_c, scale_c, softcap, vocab):
-  logits, tanh, cols = _tile(h_c, e_c, j, tv, softcap, vocab)
-  return common.logit_grad(logits, tanh, cols == t_c[:, None], lse_c[:, None],
-                           scale_c[:, None], softcap)
+def _token_columns(x, tn):
+  """Per-token `[N]` values as `[nt, tn, 1]` columns (zero padding)."""
+  return _tpu.pad_axis(x, 0, _tpu.round_up(x.shape[0], tn)).reshape(-1, tn, 1)

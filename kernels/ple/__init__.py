@@ -1,2 +1,2 @@
-"""Per-Layer Embedding (PLE): row gather, fused combine, sharded and host
-lookups."""
+"""Per-Layer Embedding (PLE) kernels: the row gather (XLA and Pallas TPU),
+the sharded lookup and the fused per-layer-input combine."""

@@ -21,7 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-RMS_NORM_EPS = 1e-6
+from gemma4_jax.reference import ple as ple_reference
 
 
 def per_layer_inputs(embeddings, rows, model_projection, projection_norm_scale,
@@ -62,7 +62,7 @@ def normalize_and_add(projected, rows, projection_norm_scale):
 def _normalize(projected, scale):
   p32 = projected.astype(jnp.float32)
   inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(p32), axis=-1, keepdims=True)
-                          + RMS_NORM_EPS)
+                          + ple_reference.RMS_NORM_EPS)
   return p32, inv_rms, p32 * inv_rms * scale.astype(jnp.float32)
 
 

@@ -24,6 +24,9 @@ traffic, where a gather that is not held to Mosaic's tile alignment (XLA's)
 needs 147 MB (rows in, rows out) to 220 MB (bf16 rows in pairs, as they
 share 32-bit words). By that roofline the XLA gather is the better default
 on both Tunix layouts; this kernel runs when it is asked for.
+
+This module holds the block sizes, the entry point with its `custom_vjp`
+and the two `pallas_call`s; the kernel bodies are in `pallas_tpu_kernel`.
 """
 
 from __future__ import annotations
@@ -33,20 +36,22 @@ import functools
 import math
 
 import jax
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 import jax.numpy as jnp
+
+from gemma4_jax.kernels import _tpu
+from gemma4_jax.kernels.ple import pallas_tpu_kernel
 
 # Rows per sublane tile: a block's token count is a multiple of it for every
 # dtype up to 8-bit packing.
 NUM_SUBLANES_PACKED = 32
 # Rows of XLA:TPU's HBM tile `T(8,128)` for 32-, 16- and 8-bit arrays (the
 # packed dtypes add a sub-tile inside it, `(2,1)` for bf16).
-ROW_TILE = 8
+ROW_TILE = _tpu.NUM_SUBLANES
 # Unsigned word the tile kernel moves rows in: Mosaic loads and stores one
 # 32-bit sublane at a dynamic offset, but not one packed 16-bit row.
-_WORD_BITS = 32
+WORD_BITS = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,15 +93,7 @@ def gather_rows(table, ids, *, block_sizes: BlockSizes | None = None,
   Returns:
     `[N, *table.shape[1:]]` in the table's dtype. Differentiable in `table`
     (the cotangent is scattered back, for full fine-tuning).
-
-  Raises:
-    ValueError: `table` is not 2-D or 3-D, or `ids` is not 1-D.
   """
-  if table.ndim not in (2, 3):
-    raise ValueError(f"table must be [V, W] or [V, L, P], got shape "
-                     f"{table.shape}")
-  if ids.ndim != 1:
-    raise ValueError(f"ids must be [N], got shape {ids.shape}")
   block_sizes = block_sizes or BlockSizes.get_default()
   return _gather(table, ids, block_sizes, interpret)
 
@@ -131,10 +128,9 @@ def rows_tiled(shape) -> bool:
 def _gather_forward(table, ids, block_sizes, interpret):
   num_tokens = ids.shape[0]
   block_tokens = min(block_sizes.block_tokens,
-                     pl.cdiv(num_tokens, NUM_SUBLANES_PACKED)
-                     * NUM_SUBLANES_PACKED)
-  padded = pl.cdiv(num_tokens, block_tokens) * block_tokens
-  ids = jnp.pad(ids.astype(jnp.int32), (0, padded - num_tokens))
+                     _tpu.round_up(num_tokens, NUM_SUBLANES_PACKED))
+  padded = _tpu.round_up(num_tokens, block_tokens)
+  ids = _tpu.pad_axis(ids.astype(jnp.int32), 0, padded)
   in_flight = min(block_sizes.in_flight, block_tokens)
   if rows_tiled(table.shape):
     rows = _gather_tiles(table, ids, block_tokens, in_flight, interpret)
@@ -148,8 +144,8 @@ def _gather_slabs(table, ids, block_tokens, in_flight, interpret):
   padded = ids.shape[0]
   row_shape = table.shape[1:]
   row_bytes = table.dtype.itemsize * math.prod(row_shape)
-  kernel = functools.partial(_slab_kernel, block_tokens=block_tokens,
-                             in_flight=in_flight)
+  kernel = functools.partial(pallas_tpu_kernel.slab_kernel,
+                             block_tokens=block_tokens, in_flight=in_flight)
   return pl.pallas_call(
       kernel,
       grid_spec=pltpu.PrefetchScalarGridSpec(
@@ -166,6 +162,7 @@ def _gather_slabs(table, ids, block_tokens, in_flight, interpret):
       cost_estimate=pl.CostEstimate(flops=0, transcendentals=0,
                                     bytes_accessed=2 * padded * row_bytes),
       interpret=interpret,
+      name="ple_gather_slabs",
   )(ids, table)
 
 
@@ -173,19 +170,17 @@ def _gather_tiles(table, ids, block_tokens, in_flight, interpret):
   """Tables whose vocab dimension XLA tiles: whole tiles in, rows picked."""
   padded = ids.shape[0]
   vocab = table.shape[0]
-  if vocab % ROW_TILE:
-    # Only small tables (tests) get here: Gemma's vocab fills whole tiles.
-    table = jnp.pad(table, ((0, -vocab % ROW_TILE),)
-                    + ((0, 0),) * (table.ndim - 1))
+  # Only small tables (tests) are padded: Gemma's vocab fills whole tiles.
+  table = _tpu.pad_axis(table, 0, _tpu.round_up(vocab, ROW_TILE))
   # The row-major views that are bitcasts of XLA's layout: [planes, V, W].
   view = table[None] if table.ndim == 2 else jnp.transpose(table, (1, 0, 2))
   planes, _, width = view.shape
   bits = 8 * table.dtype.itemsize
-  word = jnp.dtype(f"uint{max(_WORD_BITS, bits)}")
-  packing = max(_WORD_BITS, bits) // bits
-  kernel = functools.partial(_tile_kernel, block_tokens=block_tokens,
-                             in_flight=in_flight, packing=packing, word=word,
-                             bits=bits)
+  word = jnp.dtype(f"uint{max(WORD_BITS, bits)}")
+  packing = max(WORD_BITS, bits) // bits
+  kernel = functools.partial(pallas_tpu_kernel.tile_kernel,
+                             block_tokens=block_tokens, in_flight=in_flight,
+                             packing=packing, word=word, bits=bits)
   row_bytes = table.dtype.itemsize * planes * width
   rows = pl.pallas_call(
       kernel,
@@ -206,101 +201,7 @@ def _gather_tiles(table, ids, block_tokens, in_flight, interpret):
           flops=0, transcendentals=0,
           bytes_accessed=(ROW_TILE + 1) * padded * row_bytes),
       interpret=interpret,
+      name="ple_gather_tiles",
   )(ids, view)
   return rows[0] if table.ndim == 2 else jnp.transpose(rows, (1, 0, 2))
 
-
-def _slab_kernel(ids_ref, table_hbm_ref, rows_ref, copy_sems, *,
-                 block_tokens: int, in_flight: int):
-  first = pl.program_id(0) * block_tokens
-
-  def copy(j):
-    return pltpu.make_async_copy(
-        table_hbm_ref.at[pl.ds(ids_ref[first + j], 1)],
-        rows_ref.at[pl.ds(j, 1)], copy_sems.at[lax.rem(j, in_flight)])
-
-  def start(j, carry):
-    # Reuse a semaphore only once the copy that last signalled it is done.
-    @pl.when(j >= in_flight)
-    def _():
-      copy(j - in_flight).wait()
-
-    copy(j).start()
-    return carry
-
-  def finish(j, carry):
-    copy(j).wait()
-    return carry
-
-  lax.fori_loop(0, block_tokens, start, None)
-  lax.fori_loop(block_tokens - in_flight, block_tokens, finish, None)
-
-
-def _tile_kernel(ids_ref, table_hbm_ref, rows_ref, tiles_ref, copy_sems, *,
-                 block_tokens: int, in_flight: int, packing: int, word,
-                 bits: int):
-  # table_hbm_ref [planes, V, W]; rows_ref [planes, block_tokens, W];
-  # tiles_ref [in_flight, planes, ROW_TILE, W]. Token j's tile sits in slot
-  # j % in_flight. `packing` rows share a word (rows 2k, 2k+1 of bf16: the
-  # low half is row 2k), in the tile as in the output block.
-  first = pl.program_id(0) * block_tokens
-  tile_words = tiles_ref.bitcast(word)  # [in_flight, planes, ROW_TILE/p, W]
-  planes, _, width = rows_ref.shape
-  # The output is stored a full 32-bit tile at a time, ROW_TILE words of
-  # `packing` rows: Mosaic stores a packed dtype's block at a dynamic row
-  # offset only if it is a multiple of its VMEM tile (8/16/32 rows for
-  # 32/16/8 bits), and the interpreter cannot store through a bitcast ref.
-  group_rows = ROW_TILE * packing
-  group_shape = (planes, ROW_TILE, width)
-  word_index = lax.broadcasted_iota(jnp.int32, group_shape, 1)
-  mask = word.type((1 << bits) - 1)
-
-  def copy(j):
-    # lax.div/rem, not // and %: ids are non-negative, and Python's floor
-    # semantics would lower through `sign`, which asks for the TPU's
-    # generation at trace time (unknown when compiling from a CPU host).
-    tile_start = lax.div(ids_ref[first + j], ROW_TILE) * ROW_TILE
-    slot = lax.rem(j, in_flight)
-    return pltpu.make_async_copy(
-        table_hbm_ref.at[:, pl.ds(pl.multiple_of(tile_start, ROW_TILE),
-                                  ROW_TILE)],
-        tiles_ref.at[slot], copy_sems.at[slot])
-
-  def start(j, carry):
-    copy(j).start()
-    return carry
-
-  def row_word(j, k):
-    """Token j's row, shifted into its place k in the output's word."""
-    copy(j).wait()
-    within = lax.rem(ids_ref[first + j], ROW_TILE)
-    # One 32-bit sublane at a dynamic offset: Mosaic cannot load a single
-    # packed row, and its shifts are cheap next to the tile's DMA.
-    value = tile_words[lax.rem(j, in_flight), :,
-                       pl.ds(lax.div(within, packing), 1), :]
-    if packing > 1:
-      shift = (lax.rem(within, packing) * bits).astype(word)
-      value = ((value >> shift) & mask) << word.type(k * bits)
-
-    # The tile's word is in registers: refill the slot for token j+in_flight.
-    @pl.when(j + in_flight < block_tokens)
-    def _():
-      copy(j + in_flight).start()
-
-    return value
-
-  def fill_group(g, carry):
-    first_row = g * group_rows
-    group = jnp.zeros(group_shape, word)
-    for w in range(ROW_TILE):
-      value = row_word(first_row + w * packing, 0)
-      for k in range(1, packing):
-        value = value | row_word(first_row + w * packing + k, k)
-      group = jnp.where(word_index == w,
-                        jnp.broadcast_to(value, group_shape), group)
-    rows_ref[:, pl.ds(pl.multiple_of(first_row, group_rows), group_rows),
-             :] = pltpu.bitcast(group, rows_ref.dtype)
-    return carry
-
-  lax.fori_loop(0, in_flight, start, None)
-  lax.fori_loop(0, block_tokens // group_rows, fill_group, None)

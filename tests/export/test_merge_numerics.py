@@ -1,6 +1,7 @@
-"""The fast merge kernel against the plain numpy + ml_dtypes expression, bit
-for bit: bfloat16 conversions on every edge case, the blocked merge on E2B
-weight shapes, statistics, and non-finite results."""
+"""The fast row merge (`export.row_merge`) against the plain numpy +
+ml_dtypes expression, bit for bit: bfloat16 conversions on every edge case,
+the blocked merge on E2B weight shapes, statistics, and non-finite
+results."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from hypothesis import given, strategies as st
 
 from gemma4_jax.export import adapter as adapter_lib
 from gemma4_jax.export import hf_writer
-from gemma4_jax.export import merge_kernel
 from gemma4_jax.export import merging
+from gemma4_jax.export import row_merge
 from gemma4_jax.export import safetensors_io
 from gemma4_jax.export import verify
 from tests.export import conftest
@@ -42,7 +43,7 @@ def _ml_dtypes_bf16(x_f32: np.ndarray) -> np.ndarray:
 
 def test_bf16_to_f32_matches_ml_dtypes_on_every_bf16():
   bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
-  got = merge_kernel.bf16_to_f32(bits.view(BF16))
+  got = row_merge.bf16_to_f32(bits.view(BF16))
   want = bits.view(BF16).astype(np.float32)
   np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
 
@@ -58,7 +59,7 @@ def test_f32_to_bf16_matches_ml_dtypes_on_every_rounding_case():
                                              dtype=np.uint32)
   for bits in (_F32_EDGES, grid, random):
     x = bits.view(np.float32)
-    got = merge_kernel.f32_to_bf16(x).view(np.uint16)
+    got = row_merge.f32_to_bf16(x).view(np.uint16)
     want = _ml_dtypes_bf16(x)
     mismatch = np.flatnonzero(got != want)
     assert mismatch.size == 0, (
@@ -68,14 +69,14 @@ def test_f32_to_bf16_matches_ml_dtypes_on_every_rounding_case():
 
 def test_f32_to_bf16_keeps_shape_and_rejects_other_dtypes():
   x = np.random.default_rng(1).standard_normal((3, 5, 7)).astype(np.float32)
-  got = merge_kernel.f32_to_bf16(x[:, ::2])  # non-contiguous input
+  got = row_merge.f32_to_bf16(x[:, ::2])  # non-contiguous input
   assert got.dtype == BF16 and got.shape == (3, 3, 7)
   np.testing.assert_array_equal(got.view(np.uint16),
                                 _ml_dtypes_bf16(x[:, ::2]))
   with pytest.raises(TypeError, match="x: expected float32, got float64"):
-    merge_kernel.f32_to_bf16(x.astype(np.float64))
+    row_merge.f32_to_bf16(x.astype(np.float64))
   with pytest.raises(TypeError, match="bits: expected bfloat16 or uint16"):
-    merge_kernel.bf16_to_f32(x)
+    row_merge.bf16_to_f32(x)
 
 
 def _reference_merge(weight, lora_b, lora_a, scale):
@@ -111,7 +112,7 @@ def test_merge_rows_is_bitwise_the_numpy_expression(shape, dtype, scale,
                                                     seed):
   weight, lora_b, lora_a = _inputs(*shape, dtype, seed)
   out = np.empty_like(weight)
-  stats = merge_kernel.merge_rows(weight, lora_b, lora_a, scale, out)
+  stats = row_merge.merge_rows(weight, lora_b, lora_a, scale, out)
   want = _reference_merge(weight, lora_b, lora_a, scale)
   assert out.tobytes() == want.tobytes()
   before, after = weight.astype(np.float32), want.astype(np.float32)
@@ -131,7 +132,7 @@ def test_merge_rows_is_bitwise_the_numpy_expression(shape, dtype, scale,
 def test_merge_rows_on_a_full_e2b_mlp_weight():
   weight, lora_b, lora_a = _inputs(12288, 1536, 16, BF16, seed=3)
   out = np.empty_like(weight)
-  merge_kernel.merge_rows(weight, lora_b, lora_a, 2.0, out)
+  row_merge.merge_rows(weight, lora_b, lora_a, 2.0, out)
   assert out.tobytes() == _reference_merge(weight, lora_b, lora_a,
                                            2.0).tobytes()
 
@@ -142,14 +143,14 @@ def test_merge_rows_raises_on_non_finite_and_overflow():
   out = np.empty_like(weight)
   bad = weight.copy()
   bad[13, 5] = np.nan
-  with pytest.raises(merge_kernel.NonFiniteError, match="non-finite"):
-    merge_kernel.merge_rows(bad, lora_b, lora_a, 1.0, out)
+  with pytest.raises(row_merge.NonFiniteError, match="non-finite"):
+    row_merge.merge_rows(bad, lora_b, lora_a, 1.0, out)
   big = weight.copy()
   big[2, 3] = ml_dtypes.finfo(BF16).max
   lora_b[2], lora_a[:, 3] = 1.0, 1.0  # delta[2, 3] = rank
   # Finite in float32, past the largest bfloat16 after rounding.
-  with pytest.raises(merge_kernel.NonFiniteError, match="overflows bfloat16"):
-    merge_kernel.merge_rows(big, lora_b, lora_a, 2.5e35, out)
+  with pytest.raises(row_merge.NonFiniteError, match="overflows bfloat16"):
+    row_merge.merge_rows(big, lora_b, lora_a, 2.5e35, out)
 
 
 @pytest.mark.filterwarnings("error")
@@ -158,7 +159,7 @@ def test_merge_rows_large_finite_values_are_not_an_error():
   weight = np.full((2, 8), 3e38, np.float32)
   lora_b, lora_a = np.zeros((2, 1), np.float32), np.zeros((1, 8), np.float32)
   out = np.empty_like(weight)
-  merge_kernel.merge_rows(weight, lora_b, lora_a, 1.0, out)
+  row_merge.merge_rows(weight, lora_b, lora_a, 1.0, out)
   assert out.tobytes() == weight.tobytes()
 
 
@@ -166,13 +167,13 @@ def test_merge_rows_validates_arguments():
   weight, lora_b, lora_a = _inputs(4, 6, 2, BF16, seed=5)
   out = np.empty_like(weight)
   with pytest.raises(TypeError, match="weight: expected one of"):
-    merge_kernel.merge_rows(weight.astype(np.int32), lora_b, lora_a, 1.0, out)
+    row_merge.merge_rows(weight.astype(np.int32), lora_b, lora_a, 1.0, out)
   with pytest.raises(ValueError, match=r"lora_a: expected float32\[r, 6\]"):
-    merge_kernel.merge_rows(weight, lora_b, lora_a[:, :5], 1.0, out)
+    row_merge.merge_rows(weight, lora_b, lora_a[:, :5], 1.0, out)
   with pytest.raises(ValueError, match=r"lora_b: expected float32\[4, 2\]"):
-    merge_kernel.merge_rows(weight, lora_b[:3], lora_a, 1.0, out)
+    row_merge.merge_rows(weight, lora_b[:3], lora_a, 1.0, out)
   with pytest.raises(ValueError, match="out: expected C-contiguous"):
-    merge_kernel.merge_rows(weight, lora_b, lora_a, 1.0,
+    row_merge.merge_rows(weight, lora_b, lora_a, 1.0,
                             np.empty((6, 4), BF16).T)
 
 
@@ -196,14 +197,14 @@ def test_merge_with_a_nan_in_the_base_leaves_no_output(tiny_run, tmp_path):
 
 def test_single_threaded_blas_sets_and_restores_the_thread_count():
   # pylint: disable-next=protected-access
-  functions = merge_kernel._openblas_thread_functions()
+  functions = row_merge._openblas_thread_functions()
   if functions is None:
     pytest.skip("numpy is not linked against OpenBLAS here")
   get_threads, set_threads = functions
   before = get_threads()
   set_threads(2)
   try:
-    with merge_kernel.single_threaded_blas():
+    with row_merge.single_threaded_blas():
       assert get_threads() == 1
     assert get_threads() == 2
   finally:
@@ -216,7 +217,7 @@ def test_merge_in_many_pieces_on_two_threads_is_bitwise_exact(
   # Tiny pieces and blocks: every tensor spans several pool tasks that write
   # at their own offsets, each task several cache blocks.
   monkeypatch.setattr(verify, "CHUNK_ELEMENTS", 3000)
-  monkeypatch.setattr(merge_kernel, "BLOCK_ELEMENTS", 500)
+  monkeypatch.setattr(row_merge, "BLOCK_ELEMENTS", 500)
   base_dir = hf_writer.write_hf_checkpoint(
       tiny_run.base_model, tmp_path / "base_bf16", dtype=ml_dtypes.bfloat16,
       num_shards=2)

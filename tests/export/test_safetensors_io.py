@@ -1,4 +1,4 @@
-"""Header parsing, positioned reads, shard plans and kernel copies against
+"""Header parsing, positioned reads, shard plans and OS-kernel copies against
 the reference `safetensors` library."""
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import lora_cases
 import numpy as np
 import pytest
 
@@ -85,13 +86,6 @@ def test_leading_axes_are_rows():
       reference.lora_matmul(x, w, a, b, scale=0.5, adapter_ids=ids))
 
 
-def _args(**change):
-  args = dict(x=jnp.ones((4, 8)), w=jnp.ones((8, 6)), a=jnp.ones((2, 8, 3)),
-              b=jnp.ones((2, 3, 6)), scale=2.0,
-              adapter_ids=jnp.array([0, 1, 1, 0]))
-  return {**args, **change}
-
-
 @pytest.mark.parametrize("change, error, match", [
     (dict(b=jnp.ones((2, 4, 6))), ValueError, r"rank mismatch: a \(2, 8, 3\) "
      r"has r=3 but b \(2, 4, 6\) has r=4"),
@@ -117,12 +111,12 @@ def _args(**change):
 ])
 def test_bad_inputs_raise(change, error, match):
   with pytest.raises(error, match=match):
-    ops.lora_matmul(**_args(**change))
+    ops.lora_matmul(**lora_cases.small_args(**change))
 
 
 def test_float16_is_refused_by_the_kernel_only():
-  args = _args(x=jnp.ones((4, 8), jnp.float16), w=jnp.ones((8, 6),
-                                                           jnp.float16))
+  args = lora_cases.small_args(x=jnp.ones((4, 8), jnp.float16),
+                              w=jnp.ones((8, 6), jnp.float16))
   with pytest.raises(TypeError, match="takes float32 or bfloat16"):
     ops.lora_matmul(**args, interpret=True)
   if not testing.float16_compiles():
@@ -131,7 +125,7 @@ def test_float16_is_refused_by_the_kernel_only():
 
 
 def test_out_of_range_ids_under_jit_are_documented_not_checked():
-  args = _args()
+  args = lora_cases.small_args()
   f = jax.jit(lambda ids: ops.lora_matmul(**{**args, "adapter_ids": ids}))
   out = f(jnp.array([0, 1, 5, 0]))  # no error under jit: row 2 gets x @ w
   np.testing.assert_allclose(out[2], args["x"][2] @ args["w"])

@@ -105,3 +105,26 @@ def test_mesh_needs_w_axes():
   with pytest.raises(ValueError, match="w_axes must name a mesh axis"):
     ops.lora_matmul(x, w, a, b, scale=SCALE,
                     mesh=testing.simulated_mesh(), implementation="xla")
+
+
+@pytest.mark.parametrize("enter", [jax.set_mesh, lambda mesh: mesh],
+                         ids=["set_mesh", "with_mesh"])
+def test_mesh_in_context_shards_only_with_w_axes(enter):
+  # mesh=None is the mesh in context (`jax.set_mesh`, or `with mesh:` as
+  # Tunix's trainers use); the op splits w only where w_axes says how it
+  # lies on that mesh, and runs unsharded without them.
+  equation, x_shape, w_shape, w_axes = LAYOUTS[4]  # MLP down: K over tp
+  x, w, a, b = _operands(equation, x_shape, w_shape)
+  want = ops.lora_matmul(x, w, a, b, scale=SCALE, implementation="xla")
+  with enter(testing.simulated_mesh()):
+    sharded = jax.jit(lambda x: ops.lora_matmul(
+        x, w, a, b, scale=SCALE, w_axes=w_axes, implementation="xla"))
+    unsharded = jax.jit(lambda x: ops.lora_matmul(
+        x, w, a, b, scale=SCALE, implementation="xla"))
+    sharded_text = sharded.lower(x).compile().as_text()
+    unsharded_text = unsharded.lower(x).compile().as_text()
+    testing.assert_close(sharded(x), want, name="sharded")
+    testing.assert_close(unsharded(x), want, name="unsharded")
+  assert "all-reduce" in sharded_text
+  assert "f32[4,12]" in sharded_text  # rows over fsdp, K over tp
+  assert "all-reduce" not in unsharded_text

@@ -1,14 +1,22 @@
-"""The fused LoRA kernel, compiled for TPU, needs no more HBM than XLA.
+"""The fused LoRA kernels, lowered and compiled for TPU at Gemma 4 shapes.
 
-Each case compiles a training step's use of the op (the output `y` and the
-gradients w.r.t. x, A and B for a cotangent; W frozen) for abstract TPU
-chips with XLA:TPU and Mosaic, at the Gemma 4 E2B shapes the qwix patch
-routes (4096 tokens, rank 16, bfloat16), three ways: `ops.lora_einsum`
-(`ops.lora_matmul` for many adapters) with `implementation="pallas_tpu"`
-and with `"xla"` (per shard in `shard_map` under a mesh), and the stock
-formulation (qwix's einsums, GSPMD under a mesh). The Pallas program must
-call Mosaic and need at most the others' HBM temporaries per chip plus
-`_rank_slack`.
+Lowering (`jax.export` for TPU, no libtpu needed): forward and backward
+(`dx` kernel plus the XLA `dA`/`dB` dots) with `jax.ShapeDtypeStruct`
+arguments (no memory): M = 4096 tokens, the E2B projections, ranks 16 and
+64, bfloat16, the default tiles; plus the E4B MLP up-projection and the
+grouped layouts of the attention einsums. This catches block-shape and
+lowering errors; it proves neither speed nor VMEM fit.
+
+Compiling (for abstract TPU chips, with libtpu): the fused LoRA kernel
+needs no more HBM than XLA. Each case compiles a training step's use of
+the op (the output `y` and the gradients w.r.t. x, A and B for a cotangent;
+W frozen) for abstract TPU chips with XLA:TPU and Mosaic, at the Gemma 4
+E2B shapes the qwix patch routes (4096 tokens, rank 16, bfloat16), three
+ways: `ops.lora_einsum` (`ops.lora_matmul` for many adapters) with
+`implementation="pallas_tpu"` and with `"xla"` (per shard in `shard_map`
+under a mesh), and the stock formulation (qwix's einsums, GSPMD under a
+mesh). The Pallas program must call Mosaic and need at most the others' HBM
+temporaries per chip plus `_rank_slack`.
 
 HBM only: XLA:TPU also places temporaries of up to tens of MiB in VMEM
 (memory space S(1)), which `temp_bytes` does not count, for all three.
@@ -21,16 +29,92 @@ import pytest
 
 from gemma4_jax import ops
 from gemma4_jax import testing
-from gemma4_jax.kernels.lora import common
+from gemma4_jax.kernels import _tpu
 from gemma4_jax.kernels.lora import einsum
+from gemma4_jax.kernels.lora import pallas_tpu
 
-pytestmark = pytest.mark.skipif(testing.libtpu_missing() is not None,
-                                reason=str(testing.libtpu_missing()))
+needs_libtpu = pytest.mark.skipif(testing.libtpu_missing() is not None,
+                                  reason=str(testing.libtpu_missing()))
 
 BF16 = jnp.bfloat16
 SCALE, RANK, ADAPTERS = 2.0, 16, 4
 B, T = 2, 2048
 TOKENS = B * T
+
+# (K, N): q (sliding), kv, attention out, MLP up/down, wide MLP up/down
+# (double-wide layers), per-layer model projection (35 layers x 256).
+E2B_SHAPES = [(1536, 2048), (1536, 512), (2048, 1536), (1536, 6144),
+              (6144, 1536), (1536, 12288), (12288, 1536), (1536, 8960)]
+E4B_SHAPES = [(2560, 10240)]
+
+
+def _spec(*shape, dtype=BF16):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _forward_and_backward(fn):
+  def run(x, *params):
+    out, vjp = jax.vjp(fn, x, *params)
+    return out, vjp(out)
+  return run
+
+
+def _exported_kernels(exported):
+  text = exported.mlir_module()
+  return text.count("tpu_custom_call")
+
+
+@pytest.mark.parametrize("rank", [16, 64])
+@pytest.mark.parametrize("k, n", E2B_SHAPES + E4B_SHAPES)
+def test_lowers_for_tpu(k, n, rank):
+  def fn(x, a, b, w):
+    return pallas_tpu.lora_matmul(x, w, a, b, scale=2.0)
+  w_spec = _spec(k, n)
+  exported = testing.lower_for_tpu(
+      lambda x, a, b, w: _forward_and_backward(
+          lambda x, a, b: fn(x, a, b, w))(x, a, b),
+      _spec(TOKENS, k), _spec(k, rank), _spec(rank, n), w_spec)
+  assert _exported_kernels(exported) == 2  # fused forward, fused dx
+  text = exported.mlir_module()  # the pallas_calls are named
+  assert "lora_matmul_fwd" in text and "lora_matmul_dx" in text
+
+
+@pytest.mark.parametrize("equation, x_shape, w_shape", [
+    ("BTD,NDH->BTNH", (2, 2048, 1536), (8, 1536, 256)),    # sliding q
+    ("BTD,NDH->BTNH", (2, 2048, 1536), (8, 1536, 512)),    # global q
+    ("BSD,CKDH->CBSKH", (2, 2048, 1536), (2, 1, 1536, 256)),  # kv
+    ("BSD,KDH->BSKH", (2, 2048, 1536), (1, 1536, 512)),    # k == v
+    ("BTNH,NHD->BTD", (2, 2048, 8, 256), (8, 256, 1536)),  # attention out
+    ("BTD,DNP->BTNP", (2, 2048, 1536), (1536, 35, 256)),   # per-layer proj
+])
+def test_grouped_einsums_lower_for_tpu(equation, x_shape, w_shape):
+  plan = einsum.plan(equation, x_shape, w_shape)
+  assert plan.grouped  # no transpose of w at real Gemma 4 shapes
+  rank = 16
+  lhs, rhs = equation.split("->")[0].split(",")
+  a_shape = tuple(d for c, d in zip(rhs, w_shape) if c in lhs) + (rank,)
+  b_shape = (rank,) + tuple(d for c, d in zip(rhs, w_shape) if c not in lhs)
+
+  def run(x, a, b, w):
+    return _forward_and_backward(lambda x, a, b: einsum.run_pallas(
+        plan, x, w, a, b, scale=2.0))(x, a, b)
+  exported = testing.lower_for_tpu(run, _spec(*x_shape), _spec(*a_shape),
+                                   _spec(*b_shape), _spec(*w_shape))
+  assert _exported_kernels(exported) == 2
+
+
+def test_int8_and_multi_adapter_lower_for_tpu():
+  k, n, rank, adapters = 1536, 6144, 16, 4
+  def run(x, a, b, w, w_scale, ids):
+    return _forward_and_backward(lambda x, a, b: pallas_tpu.lora_matmul(
+        x, w, a, b, scale=2.0, w_scale=w_scale, adapter_ids=ids))(x, a, b)
+  exported = testing.lower_for_tpu(
+      run, _spec(TOKENS, k), _spec(adapters, k, rank),
+      _spec(adapters, rank, n), _spec(k, n, dtype=jnp.int8),
+      _spec(n, dtype=jnp.float32), _spec(TOKENS, dtype=jnp.int32))
+  assert _exported_kernels(exported) == 2
+
+
 # name -> (equation, x shape, w shape, Tunix's w sharding); E2B, as qwix
 # calls them (nnx.Linear's dot_general becomes "mk,kn->mn").
 CASES = {
@@ -41,6 +125,8 @@ CASES = {
     "mlp down wide": ("mk,kn->mn", (TOKENS, 12288), (12288, 1536),
                       ("tp", "fsdp")),
 }
+
+
 def _rank_slack(k: int, n: int, m: int = TOKENS) -> int:
   """HBM the kernel may use beyond XLA's: the rank padded to 128 lanes.
 
@@ -48,7 +134,7 @@ def _rank_slack(k: int, n: int, m: int = TOKENS) -> int:
   (bf16), and the backward's `[M, 128]` float32 `x @ A` and `dy @ B^T`;
   XLA and the stock path keep these `R = 16` wide.
   """
-  lanes = common.NUM_LANES
+  lanes = _tpu.NUM_LANES
   return 2 * (k + n) * lanes * 2 + 2 * m * lanes * 4
 
 
@@ -160,6 +246,7 @@ def _assert_no_more_hbm(result, slack, kernels):
         f"{slack / 2**20:.2f} MiB)")
 
 
+@needs_libtpu
 def test_training_step_needs_no_more_hbm():
   # The widest head-grouped einsum: 8 x 512 query heads, no transpose of w.
   equation, x_shape, w_shape, w_axes = CASES["q global"]
@@ -170,6 +257,7 @@ def test_training_step_needs_no_more_hbm():
   _assert_no_more_hbm(result, _rank_slack(plan.k, plan.n), kernels=2)
 
 
+@needs_libtpu
 def test_dead_output_is_not_computed():
   # A loss linear in y needs only dy = ct: XLA drops its x @ W, and the
   # forward kernel, whose only output is y, must be dropped too (a second,
@@ -180,6 +268,7 @@ def test_dead_output_is_not_computed():
   _assert_no_more_hbm(result, _rank_slack(*w_shape), kernels=1)
 
 
+@needs_libtpu
 @pytest.mark.parametrize("name, adapters", [
     ("mlp down wide", None),  # K over tp: the psum
     ("mlp gate/up", ADAPTERS)])
@@ -194,6 +283,7 @@ def test_sharded_training_step_needs_no_more_hbm(name, adapters):
   _assert_no_more_hbm(result, _rank_slack(plan.k, plan.n), kernels=2)
 
 
+@needs_libtpu
 def test_v6e_training_step_needs_no_more_hbm():
   equation, x_shape, w_shape, w_axes = CASES["mlp gate/up"]
   structs = _structs(equation, x_shape, w_shape, w_axes,

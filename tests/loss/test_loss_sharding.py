@@ -6,8 +6,7 @@ gradients.
 """
 
 import jax
-import jax.numpy as jnp
-import numpy as np
+import loss_cases
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -16,15 +15,8 @@ from gemma4_jax import testing
 from gemma4_jax.kernels.loss import pallas_tpu
 from gemma4_jax.kernels.loss import xla
 
-BLOCKS = {"xla": xla.BlockSizes(4, 64), "pallas_tpu": pallas_tpu.BlockSizes(16, 128)}
-
-
-def _problem(vocab, seed=0):
-  rng = np.random.default_rng(seed)
-  return (jnp.asarray(2.0 * rng.standard_normal((4, 6, 16)), jnp.float32),
-          jnp.asarray(rng.standard_normal((vocab, 16)), jnp.float32),
-          jnp.asarray(rng.integers(0, vocab, (4, 6)), jnp.int32),
-          jnp.asarray(rng.random((4, 6)), jnp.float32))
+BLOCKS = {"xla": xla.BlockSizes(4, 64),
+          "pallas_tpu": pallas_tpu.BlockSizes(16, 128)}
 
 
 def _value_and_grads(implementation, mesh=None):
@@ -38,7 +30,7 @@ def _value_and_grads(implementation, mesh=None):
 @pytest.mark.parametrize("implementation", ["xla", "pallas_tpu"])
 @pytest.mark.parametrize("vocab", [512, 301])
 def test_sharded_equals_unsharded(implementation, vocab):
-  args = _problem(vocab)
+  args = loss_cases.problem(0, batch=4, seq=6, dim=16, vocab=vocab)
   expected, expected_grads = jax.jit(_value_and_grads(implementation))(*args)
   mesh = testing.simulated_mesh()
   # As under Tunix: embedding ('tp', 'fsdp'), activations batch-sharded.

@@ -290,7 +290,7 @@ def test_failure_while_patching_rolls_back_everything():
   patched, is restored, and the patches from before the call come back."""
   def broken(original, options):
     raise RuntimeError("cannot build the replacement")
-  attention = tunix_attention.target()
+  (attention,) = tunix_attention.targets()
   second = _framework.Target(
       feature="test", module="tunix.models.gemma4.model",
       attribute="FeedForward.block", distribution="google-tunix",
@@ -351,7 +351,7 @@ def test_split_layout_detection_and_checks(monkeypatch):
   fake_module("tunix.models.gemma4.attention", Attention=Attention,
               apply_rope=gemma4_lib.apply_rope, shard=gemma4_lib.shard,
               AttentionType=gemma4_lib.AttentionType)
-  assert tunix_attention.detect_layout().takes_segment_ids
+  assert "segment_ids" in tunix_attention.SPEC.detect_layout().parameters
 
   status = patches.status().targets[0]
   assert status.target == "tunix.models.gemma4.attention:Attention.block"

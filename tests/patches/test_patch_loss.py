@@ -19,6 +19,7 @@ from tunix.sft import peft_trainer
 
 import gemma4_jax.patches as patches
 from gemma4_jax import testing
+from gemma4_jax.patches import _framework
 from gemma4_jax.patches import tunix_loss
 from gemma4_jax import tiny_models
 
@@ -148,7 +149,7 @@ def test_other_models_and_custom_losses_are_left_alone(lora_model):
 
 
 @pytest.mark.skipif(
-    not tunix_loss._exists(tunix_loss.TRAINER_V2_MODULE),  # pylint: disable=protected-access
+    not _framework.module_exists(tunix_loss.TRAINER_V2_MODULE),
     reason="this Tunix has no tunix.experimental.train.peft_trainer_v2 "
     "(google-tunix 0.1.7); tests/tunix_main runs this on Tunix main")
 def test_peft_trainer_v2_loss_is_patched_too(lora_model):

@@ -104,13 +104,13 @@ def test_every_patch_test_file_is_run_on_tunix_main():
   files = {p.name for p in (REPO / "tests" / "patches").glob("test_*.py")}
   listed = {name for run in PATCH_TEST_RUNS.values() for name in run}
   # Not on Tunix main: the framework tests are about google-tunix 0.1.7's
-  # installed modules; test_attention_sharded calls 0.1.7's loss function
-  # directly (Tunix main's returns a LossOutput). The attention patch under
-  # the mesh runs on Tunix main in test_patch_attention.py.
+  # installed modules; test_patch_attention_sharded calls 0.1.7's loss
+  # function directly (Tunix main's returns a LossOutput). The attention
+  # patch under the mesh runs on Tunix main in test_patch_attention.py.
   # test_patch_tpu_compiler is about `LIBTPU_INIT_ARGS`, the same whatever
   # Tunix's layout.
   assert files - listed == {"test_patch_framework.py",
-                            "test_attention_sharded.py",
+                            "test_patch_attention_sharded.py",
                             "test_patch_tpu_compiler.py"}
   assert listed <= files
 

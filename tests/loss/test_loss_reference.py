@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import loss_cases
 import numpy as np
 import pytest
 from flax import nnx
@@ -159,13 +160,6 @@ def test_all_zero_weights_give_zero():
   assert float(out) == 0.0
 
 
-def _loss_args(**change):
-  args = dict(hidden=jnp.ones((2, 5, 8)), embedding=jnp.ones((11, 8)),
-              targets=jnp.zeros((2, 5), jnp.int32),
-              weights=jnp.ones((2, 5), bool))
-  return {**args, **change}
-
-
 @pytest.mark.parametrize("change, error, match", [
     (dict(targets=jnp.zeros((2, 5))), TypeError, "targets must be an integer"),
     (dict(targets=jnp.zeros((2, 4), jnp.int32)), ValueError,
@@ -179,5 +173,5 @@ def _loss_args(**change):
 def test_bad_inputs_raise(change, error, match):
   softcap = change.pop("softcap", 30.0)
   with pytest.raises(error, match=match):
-    loss_reference.softcapped_cross_entropy(**_loss_args(**change),
-                                            softcap=softcap)
+    loss_reference.softcapped_cross_entropy(
+        **loss_cases.small_args(**change), softcap=softcap)

@@ -1,10 +1,13 @@
-"""The float32 reference attention: by hand, against Tunix, edge cases."""
+"""The float32 reference attention: by hand, against float64 over the shared
+cases, against Tunix, edge cases."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given
 
+import attention_cases
 from gemma4_jax import testing
 from gemma4_jax import tiny_models
 from gemma4_jax.reference import attention as reference
@@ -69,6 +72,50 @@ def test_grouped_heads_equal_repeated_kv():
   index = np.arange(8) // 4
   mha = reference.attention(q, k[:, :, index], v[:, :, index])
   np.testing.assert_array_equal(grouped, mha)
+
+
+def _float64_attention(case, q, k, v, mask, segment_ids):
+  """The reference's math in float64 numpy, with its own visibility rules
+  (not `masks`), written from the docstring of `ops.attention`."""
+  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+  b, t, n, h = q.shape
+  s = k.shape[1]
+  k, v = (np.repeat(x, n // k.shape[2], axis=2) for x in (k, v))
+  query = np.arange(t)[:, None] + s - t  # end-aligned positions
+  key = np.arange(s)[None, :]
+  visible = np.ones((b, n, t, s), bool)
+  if case["causal"]:
+    visible &= key <= query
+  if case["sliding_window"] is not None:
+    visible &= key > query - case["sliding_window"]
+  if mask is not None:
+    mask = np.asarray(mask)
+    visible &= mask if mask.ndim == 4 else (
+        mask[:, None] if mask.ndim == 3 else mask)
+  if segment_ids is not None:
+    q_ids, kv_ids = (np.asarray(x) for x in segment_ids)
+    visible &= q_ids[:, None, :, None] == kv_ids[:, None, None, :]
+  scale = h ** -0.5 if case["scale"] is None else case["scale"]
+  logits = np.einsum("btnh,bsnh->bnts", q, k) * scale
+  if case["softcap"] is not None:
+    logits = case["softcap"] * np.tanh(logits / case["softcap"])
+  logits = np.where(visible, logits, -np.inf)
+  row_max = logits.max(axis=-1, keepdims=True)
+  weights = np.exp(logits - np.where(np.isfinite(row_max), row_max, 0.0))
+  total = weights.sum(axis=-1, keepdims=True)
+  probs = weights / np.where(total > 0, total, 1.0)  # no visible key: 0
+  return np.einsum("bnts,bsnh->btnh", probs, v)
+
+
+@given(attention_cases.cases())
+def test_matches_float64_over_the_shared_cases(case):
+  q, k, v, mask, segment_ids = attention_cases.make_inputs(case)
+  q, k, v = attention_cases.reference_inputs(q, k, v)
+  got = reference.attention(q, k, v, mask=mask, segment_ids=segment_ids,
+                            **attention_cases.options(case))
+  testing.assert_close(got, _float64_attention(case, q, k, v, mask,
+                                               segment_ids),
+                       dtype=jnp.float32)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""The sharded PLE lookup on the simulated 4-device ('fsdp', 'tp') mesh.
+"""The sharded PLE lookup on the simulated 4-device ('fsdp', 'tp') mesh,
+given or in context.
 
 Tunix's default table shardings: `('tp', None, 'fsdp')` on `[V, L, P]`
 (google-tunix 0.1.7) and `('tp', 'fsdp')` on `[V, L*P]` (Tunix main), i.e.
@@ -14,13 +15,15 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from gemma4_jax import mesh as mesh_lib
 from gemma4_jax import ops, testing
 from gemma4_jax.reference import ple as ple_reference
 
 VOCAB, LAYERS, DIM = 256, 3, 8  # the table is larger than the rows
+FSDP, TP = mesh_lib.FSDP, mesh_lib.TP
 LAYOUTS = {
-    "per_layer": ((VOCAB, LAYERS, DIM), P("tp", None, "fsdp")),
-    "flat": ((VOCAB, LAYERS * DIM), P("tp", "fsdp")),
+    "per_layer": ((VOCAB, LAYERS, DIM), P(TP, None, FSDP)),
+    "flat": ((VOCAB, LAYERS * DIM), P(TP, FSDP)),
 }
 IMPLEMENTATIONS = [dict(implementation="xla"),
                    dict(implementation="pallas_tpu", interpret=True)]
@@ -112,8 +115,8 @@ def test_no_table_all_gather_and_table_bytes_split_four_ways(layout):
 
 
 @pytest.mark.parametrize("spec, match", [
-    (P("tp", "data"), "mesh axes"),
-    (P("tp", None, "fsdp"), "more entries"),
+    (P(TP, "data"), "mesh axes"),
+    (P(TP, None, FSDP), "more entries"),
 ])
 def test_bad_table_spec_raises(spec, match):
   mesh, _, table, tokens = _setup("flat", jnp.float32)
@@ -127,3 +130,31 @@ def test_mesh_without_table_spec_raises():
   with pytest.raises(ValueError, match="together"):
     ops.ple_lookup(table, tokens, num_layers=LAYERS, per_layer_dim=DIM,
                    mesh=mesh, implementation="xla")
+
+
+def test_mesh_in_context_with_table_spec_shards_as_the_mesh_given():
+  mesh, spec, table, tokens = _setup("flat", jnp.float32)
+  given_mesh = _lookup(mesh, spec, dict(implementation="xla"))(table, tokens)
+  with jax.set_mesh(mesh):
+    in_context = _lookup(None, spec, dict(implementation="xla"))(table,
+                                                                  tokens)
+  np.testing.assert_array_equal(in_context, given_mesh)
+  assert in_context.sharding.is_equivalent_to(given_mesh.sharding,
+                                              in_context.ndim)
+
+
+def test_mesh_in_context_without_table_spec_runs_unsharded():
+  mesh, _, table, tokens = _setup("flat", jnp.float32)
+  with jax.set_mesh(mesh):
+    out = _lookup(None, None, dict(implementation="xla"))(table, tokens)
+  expected = ple_reference.ple_lookup(np.asarray(table), tokens,
+                                      num_layers=LAYERS, per_layer_dim=DIM)
+  np.testing.assert_array_equal(out, expected)
+
+
+def test_table_spec_without_any_mesh_raises():
+  _, spec, table, tokens = _setup("flat", jnp.float32)
+  with pytest.raises(ValueError, match="pass mesh and table_spec together, "
+                     "got mesh=None"):
+    ops.ple_lookup(table, tokens, num_layers=LAYERS, per_layer_dim=DIM,
+                   table_spec=spec, implementation="xla")

@@ -8,6 +8,7 @@ reuses them, so the module runs exactly as inside the model.
 """
 
 import jax.numpy as jnp
+import lora_cases
 import numpy as np
 import pytest
 import qwix
@@ -167,13 +168,6 @@ def test_adapter_ids_select_rows(rows, k, n, rank, adapters, seed):
   testing.assert_close(out, exact, name="float64")
 
 
-def _matmul_args(**change):
-  args = dict(x=jnp.ones((4, 8)), w=jnp.ones((8, 6)), a=jnp.ones((2, 8, 3)),
-              b=jnp.ones((2, 3, 6)), scale=2.0,
-              adapter_ids=jnp.array([0, 1, 1, 0]))
-  return {**args, **change}
-
-
 @pytest.mark.parametrize("change, error, match", [
     (dict(w=jnp.ones((7, 6))), ValueError, "same K"),
     (dict(adapter_ids=jnp.array([0.0, 1.0, 1.0, 0.0])), TypeError,
@@ -187,7 +181,7 @@ def _matmul_args(**change):
 ])
 def test_lora_matmul_bad_inputs_raise(change, error, match):
   with pytest.raises(error, match=match):
-    lora.lora_matmul(**_matmul_args(**change))
+    lora.lora_matmul(**lora_cases.small_args(**change))
 
 
 @pytest.mark.parametrize("equation, x_shape, a_shape, match", [

@@ -1,4 +1,5 @@
-"""`gemma4_jax.ops`: implementation selection and validation at the boundary."""
+"""`ops.attention`: implementation selection (the rules of `implementations`,
+shown on attention) and validation at the boundary."""
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""PLE lookup inside `shard_map`, leaving the table where it is.
+"""PLE lookup inside `jax.shard_map`, leaving the table where it is.
 
 The table's own sharding decides the collective, per dimension:
 
@@ -36,25 +36,22 @@ from jax.sharding import PartitionSpec as P
 from gemma4_jax.kernels.ple import xla as ple_xla
 
 
-def table_axes(table_spec, ndim: int, mesh) -> tuple[tuple[str, ...],
-                                                     tuple[str, ...]]:
-  """(vocab axes, feature axes) of a table partition spec.
-
-  Raises:
-    ValueError: the spec is longer than the table's rank, or names an axis
-      the mesh does not have.
-  """
+def padded_spec(table_spec, ndim: int) -> tuple:
+  """`table_spec` as a tuple with one entry per table dimension."""
   spec = tuple(table_spec)
-  if len(spec) > ndim:
-    raise ValueError(f"table_spec {spec} has more entries than the table's "
-                     f"rank {ndim}")
-  spec = spec + (None,) * (ndim - len(spec))
-  per_dim = [() if s is None else (s,) if isinstance(s, str) else tuple(s)
-             for s in spec]
-  missing = [a for axes in per_dim for a in axes if a not in mesh.axis_names]
-  if missing:
-    raise ValueError(f"table_spec {spec} names mesh axes {missing} that the "
-                     f"mesh does not have (mesh axes: {mesh.axis_names})")
+  return spec + (None,) * (ndim - len(spec))
+
+
+def dim_axes(spec) -> list[tuple[str, ...]]:
+  """The mesh axes of each entry of a partition spec (`()` for None)."""
+  return [() if s is None else (s,) if isinstance(s, str) else tuple(s)
+          for s in spec]
+
+
+def table_axes(table_spec, ndim: int) -> tuple[tuple[str, ...],
+                                               tuple[str, ...]]:
+  """(vocab axes, feature axes) of a table partition spec."""
+  per_dim = dim_axes(padded_spec(table_spec, ndim))
   return per_dim[0], tuple(a for axes in per_dim[1:] for a in axes)
 
 
@@ -68,16 +65,16 @@ def sharded_lookup(per_layer_table, tokens, *, num_layers: int,
     tokens: integer `[B, T]`; ids outside `[0, V)` read row 0.
     num_layers, per_layer_dim: L and P.
     mesh: the `jax.sharding.Mesh` the table lives on.
-    table_spec: the table's `PartitionSpec` (or tuple) over `mesh`.
+    table_spec: the table's `PartitionSpec` (or tuple) over `mesh`, checked
+      by the op (`gemma4_jax.ops.ple`).
     gather_rows: the local gather, `(table_block, ids [N]) -> rows`.
 
   Returns:
     `[B, T, L, P]` in the table's dtype.
   """
   vocab_size = per_layer_table.shape[0]
-  vocab_axes, _ = table_axes(table_spec, per_layer_table.ndim, mesh)
-  spec = tuple(table_spec) + (None,) * (per_layer_table.ndim
-                                         - len(tuple(table_spec)))
+  vocab_axes, _ = table_axes(table_spec, per_layer_table.ndim)
+  spec = padded_spec(table_spec, per_layer_table.ndim)
   ids = ple_xla.valid_ids(tokens, vocab_size)
   shards = math.prod(mesh.shape[a] for a in vocab_axes)
   scatter = bool(vocab_axes) and ids.shape[0] % shards == 0
@@ -124,9 +121,8 @@ def activation_spec(table_spec, ndim: int, mesh, num_tokens: int):
   """The rows' `PartitionSpec` the sharded lookup hands over on a square
   mesh (tokens over the table's feature axis, features over its vocab axis:
   Tunix's projection layout), or None when it keeps the table's layout."""
-  vocab_axes, _ = table_axes(table_spec, ndim, mesh)
-  spec = tuple(table_spec) + (None,) * (ndim - len(tuple(table_spec)))
-  plan = _transpose_plan(spec, vocab_axes, mesh)
+  vocab_axes, _ = table_axes(table_spec, ndim)
+  plan = _transpose_plan(padded_spec(table_spec, ndim), vocab_axes, mesh)
   if plan is None or num_tokens % mesh.shape[vocab_axes[0]]:
     return None
   return plan.out_spec

@@ -10,6 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from gemma4_jax import mesh as mesh_lib
 from gemma4_jax import ops
 from gemma4_jax import testing
 from gemma4_jax.export import safetensors_io
@@ -17,6 +18,7 @@ from gemma4_jax.host_table import HostTable
 from gemma4_jax.reference import ple as ple_reference
 
 VOCAB, LAYERS, DIM, EMBED = 13, 3, 8, 16
+FSDP, TP = mesh_lib.FSDP, mesh_lib.TP
 
 
 def _tokens():
@@ -96,8 +98,8 @@ def test_host_table_is_one_zero_size_leaf_and_rejects_indexing():
 
 
 @pytest.mark.parametrize("shape, spec", [
-    ((16, LAYERS, DIM), ("tp", None, "fsdp")),  # V divides over tp, as E2B's
-    ((16, LAYERS * DIM), ("tp", "fsdp")),
+    ((16, LAYERS, DIM), (TP, None, FSDP)),  # V divides over tp, as E2B's
+    ((16, LAYERS * DIM), (TP, FSDP)),
 ], ids=["per_layer", "flat"])
 def test_host_lookup_on_a_mesh_gathers_each_devices_block(shape, spec):
   mesh = testing.simulated_mesh()

@@ -1,7 +1,10 @@
-"""The PLE row gather compiled for abstract TPU v5e chips (XLA:TPU + Mosaic).
+"""The PLE row gather lowered (`jax.export`) and compiled for abstract TPU
+v5e chips (XLA:TPU + Mosaic).
 
-`ops.ple_lookup(..., implementation="pallas_tpu")` at Gemma 4 E2B shapes
-(V=262144, L=35, P=256, bf16, 4x1024 tokens) on both Tunix table layouts,
+The kernel and the fused per-layer inputs lower for TPU at E2B shapes
+(`jax.export`: no libtpu needed). With libtpu,
+`ops.ple_lookup(..., implementation="pallas_tpu")` is compiled at Gemma 4 E2B
+shapes (V=262144, L=35, P=256, bf16, 4x1024 tokens) on both Tunix table layouts,
 on one chip and sharded on a v5e:2x2 `('fsdp', 'tp')` mesh as Tunix shards
 the table. Mosaic must accept the kernel; the program must not materialize a
 copy of the table (XLA lays `[V, L, P]` out L-major, and a kernel reading it
@@ -11,7 +14,7 @@ projected activations and the norm scale (the table frozen, as in LoRA),
 must stay at most those of the stock `jnp.take` and of our XLA version
 compiled the same way, plus `_SLACK`.
 
-`python tests/test_ple_tpu_compile.py` prints the temporaries of all three
+`python tests/ple/test_ple_tpu_compile.py` prints the temporaries of all three
 (the table in benchmarks/RESULTS.md).
 """
 
@@ -25,17 +28,22 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from gemma4_jax import mesh as mesh_lib
 from gemma4_jax import ops
 from gemma4_jax import testing
+from gemma4_jax.kernels.ple import combine as ple_combine
+from gemma4_jax.kernels.ple import pallas_tpu
+from gemma4_jax.kernels.ple import xla as ple_xla
 
-pytestmark = pytest.mark.skipif(testing.libtpu_missing() is not None,
-                                reason=str(testing.libtpu_missing()))
+_NEEDS_LIBTPU = pytest.mark.skipif(testing.libtpu_missing() is not None,
+                                   reason=str(testing.libtpu_missing()))
 
 MiB = 2**20
 VOCAB, LAYERS, DIM, BATCH, SEQ_LEN = 262144, 35, 256, 4, 1024
 # Tunix's table shardings: Tunix main's `[V, L*P]`, google-tunix 0.1.7's
 # `[V, L, P]`.
-SPECS = {"flat": P("tp", "fsdp"), "per_layer": P("tp", None, "fsdp")}
+SPECS = {"flat": P(mesh_lib.TP, mesh_lib.FSDP),
+         "per_layer": P(mesh_lib.TP, None, mesh_lib.FSDP)}
 IMPLEMENTATIONS = ("pallas_tpu", "xla", "stock")
 MODES = ("forward", "forward_backward")
 # The Pallas rows come out in the table's layout (`[L, N, P]` physically for
@@ -92,10 +100,10 @@ def _compiled(implementation, layout, mode, sharded, num_layers=LAYERS):
     return testing.tpu_struct(shape, dtype, spec, mesh=mesh)
 
   args = [struct(table_shape, jnp.bfloat16, SPECS[layout]),
-          struct((BATCH, SEQ_LEN), jnp.int32, P("fsdp"))]
+          struct((BATCH, SEQ_LEN), jnp.int32, P(mesh_lib.FSDP))]
   if mode == "forward_backward":
     args += [struct((BATCH, SEQ_LEN, num_layers, DIM), jnp.bfloat16,
-                    P("fsdp")),
+                    P(mesh_lib.FSDP)),
              struct((DIM,), jnp.bfloat16)]
   compiled = testing.compile_for_tpu(
       _program(implementation, layout, mode, mesh, num_layers), *args,
@@ -119,6 +127,7 @@ def _table_sized(hlo: str, elements: int) -> list[str]:
   return found
 
 
+@_NEEDS_LIBTPU
 @pytest.mark.parametrize("sharded", [False, True], ids=["one_chip", "v5e_2x2"])
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("layout", sorted(SPECS))
@@ -133,6 +142,7 @@ def test_pallas_lookup_reads_the_table_in_place(layout, mode, sharded):
         f"{limit / MiB:.1f} MiB")
 
 
+@_NEEDS_LIBTPU
 @pytest.mark.parametrize("num_layers", [40, 42], ids=["L40_row_major",
                                                       "L42_e4b"])
 def test_per_layer_table_is_read_in_xla_layout(num_layers):
@@ -142,6 +152,49 @@ def test_per_layer_table_is_read_in_xla_layout(num_layers):
                                  num_layers)
   assert kernels >= 1
   assert not copies, f"the table is materialized again: {copies}"
+
+
+@pytest.mark.parametrize("layout", ["flat", "per_layer"])
+def test_kernel_lowers_for_tpu_at_e2b_shapes(layout):
+  vocab, num_layers, per_layer_dim = 262144, 35, 256
+  shape = ((vocab, num_layers * per_layer_dim) if layout == "flat"
+           else (vocab, num_layers, per_layer_dim))
+  table = jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+  tokens = jax.ShapeDtypeStruct((4, 1024), jnp.int32)  # 4096 tokens
+  exported = testing.lower_for_tpu(_pallas_lookup, table, tokens)
+  assert "tpu_custom_call" in exported.mlir_module()
+  assert exported.out_avals[0].shape == (4096, *shape[1:])
+
+
+def _pallas_lookup(table, tokens):
+  """What `ops.ple_lookup(implementation="pallas_tpu")` runs on a TPU (ops
+  refuses to pick Pallas on this CPU machine without interpret mode)."""
+  return pallas_tpu.gather_rows(table,
+                                ple_xla.valid_ids(tokens, table.shape[0]))
+
+
+def test_fused_per_layer_inputs_lower_for_tpu_at_e2b_shapes():
+  vocab, num_layers, per_layer_dim, embed_dim = 262144, 35, 256, 1536
+  args = (jax.ShapeDtypeStruct((4, 1024, embed_dim), jnp.bfloat16),
+          jax.ShapeDtypeStruct((4, 1024), jnp.int32),
+          jax.ShapeDtypeStruct((vocab, num_layers * per_layer_dim),
+                               jnp.bfloat16),
+          jax.ShapeDtypeStruct((embed_dim, num_layers * per_layer_dim),
+                               jnp.bfloat16),
+          jax.ShapeDtypeStruct((per_layer_dim,), jnp.bfloat16))
+
+  def step(x, tokens, table, w, scale):
+    def loss(x, w):
+      rows = _pallas_lookup(table, tokens).reshape(
+          *tokens.shape, num_layers, per_layer_dim)
+      out = ple_combine.per_layer_inputs(x, rows, w, scale,
+                                         num_layers=num_layers,
+                                         per_layer_dim=per_layer_dim)
+      return jnp.sum(out.astype(jnp.float32))
+    return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
+
+  exported = testing.lower_for_tpu(step, *args)
+  assert "tpu_custom_call" in exported.mlir_module()
 
 
 def main():

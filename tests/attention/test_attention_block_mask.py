@@ -99,7 +99,8 @@ def test_schedules_visit_exactly_the_nonempty_tiles(
 
 
 def test_sliding_window_visits_two_of_sixteen():
-  # DESIGN: at T=8192, W=512, 512-key tiles, a query tile sees 2 of 16.
+  # E2B local layers: at T=8192, W=512, 512-key tiles, a query tile sees 2
+  # of 16.
   _, _, fwd, _ = pallas_tpu.block_schedules(
       (1, 8192, 8, 256), (1, 8192, 1, 256), sliding_window=512,
       block_sizes=pallas_tpu.BlockSizes(block_q=512, block_kv=512))

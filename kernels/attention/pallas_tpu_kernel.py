@@ -1,100 +1,53 @@
-"""Tile math and kernel bodies of the Pallas TPU attention (`pallas_tpu`).
+"""Kernel bodies of the Pallas TPU attention (`pallas_tpu`) and their tile math.
 
 A tile is the `G * block_q` rows of every query head sharing one kv head
 against `block_kv` keys. The kernels run a tile as PARTIAL (build the mask:
 positions, bounds, segment ids, the dynamic mask tile) or FULL (no mask
 work), as the scalar-prefetched schedule says, and idle on EMPTY steps.
+Everything static comes in `static` (`pallas_tpu.Static`).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 from jax import lax
 from jax.experimental import pallas as pl
 import jax.numpy as jnp
 import numpy as np
 
+from gemma4_jax.kernels import _tpu
 from gemma4_jax.kernels.attention import block_mask
 
 DEFAULT_MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
-NUM_LANES = 128
-NUM_SUBLANES = 8
 NN_DIM_NUMBERS = (((1,), (0,)), ((), ()))  # x @ y
 NT_DIM_NUMBERS = (((1,), (1,)), ((), ()))  # x @ y.T
 
 
-@dataclasses.dataclass(frozen=True)
-class Layout:
-  """Static shape of a `block_mask.Schedule` (its entries are an array)."""
-  batch: int
-  heads: int
-  rows: int
-  steps: int
-
-
-def layout(schedule: block_mask.Schedule) -> Layout:
-  return Layout(schedule.batch, schedule.heads, schedule.rows,
-                schedule.steps)
-
-
-@dataclasses.dataclass(frozen=True)
-class Static:
-  """Everything the kernels specialize on (hashable: a custom_vjp nondiff)."""
-  q_len: int
-  kv_len: int
-  block_q: int
-  block_kv: int
-  group: int
-  causal: bool
-  sliding_window: int | None
-  softcap: float | None
-  scale: float
-  mask_group: int  # heads per mask tile: 0 (no mask), 1 or group
-  mask_batch: int
-  mask_heads: int
-  mask_rows: int  # block_q, or 1 for a key mask
-  segments: bool
-  fwd: Layout
-  dkv: Layout
-  interpret: bool
-
-  @property
-  def rows(self) -> int:
-    return self.group * self.block_q
-
-  @property
-  def ragged_kv(self) -> bool:
-    return self.kv_len % self.block_kv != 0
-
-
-
 def entry(layout, entries_ref, b, h, row, step):
+  """`(block, kind, mask_block)` of a schedule entry (`block_mask.unpack`)."""
   index = block_mask.entry_index(layout, b, h, row, step)
   return block_mask.unpack(entries_ref[index])
-
 
 
 # The math shared by the three kernels.
 
 def _lanes(x, width):
   """A `(rows, 128)` lane-replicated column, widened or cut to `width`."""
-  if width <= NUM_LANES:
+  if width <= _tpu.NUM_LANES:
     return x[:, :width]
-  return jnp.tile(x, (1, width // NUM_LANES))
+  return jnp.tile(x, (1, width // _tpu.NUM_LANES))
 
 
 def _row_block(column, static):
   """`(G * block_q, 128)` lane-replicated -> lane-major `(G, block_q)`."""
-  rows = [column[g * static.block_q:(g + 1) * static.block_q].T[:1]
+  rows = [_tpu.column_to_row(column[g * static.block_q:
+                                     (g + 1) * static.block_q])
           for g in range(static.group)]
   return rows[0] if len(rows) == 1 else jnp.concatenate(rows, axis=0)
 
 
 def _column(row_ref, static):
   """Lane-major `(G, block_q)` -> `(G * block_q, 128)` lane-replicated."""
-  columns = [jnp.broadcast_to(row_ref[g:g + 1, :],
-                              (NUM_LANES, static.block_q)).T
+  columns = [_tpu.row_to_column(row_ref[g:g + 1, :], _tpu.NUM_LANES)
              for g in range(static.group)]
   return columns[0] if len(columns) == 1 else jnp.concatenate(columns, axis=0)
 
@@ -111,7 +64,7 @@ def _visible(static, q_block, kv_block, mask_ref, q_ids_ref, kv_ids_ref):
   if static.sliding_window is not None:
     visible &= k_pos > q_pos - static.sliding_window
   if q_ids_ref is not None:
-    q_ids = jnp.tile(q_ids_ref[...], (1, static.block_kv // NUM_LANES))
+    q_ids = jnp.tile(q_ids_ref[...], (1, static.block_kv // _tpu.NUM_LANES))
     visible &= q_ids == kv_ids_ref[:1, :]
   visible = visible[None]
   if mask_ref is not None:
@@ -180,8 +133,8 @@ def _run_by_kind(kind, step):
 # Kernel bodies.
 
 def forward_kernel(entries_ref, q_ref, k_ref, v_ref, mask_ref, q_ids_ref,
-                    kv_ids_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *,
-                    static):
+                   kv_ids_ref, o_ref, lse_ref, m_ref, l_ref, acc_ref, *,
+                   static):
   b, h, i, j = (pl.program_id(axis) for axis in range(4))
   kv_block, kind, _ = entry(static.fwd, entries_ref, b, h, i, j)
   rows, head_dim = static.rows, acc_ref.shape[-1]
@@ -226,7 +179,7 @@ def forward_kernel(entries_ref, q_ref, k_ref, v_ref, mask_ref, q_ids_ref,
 
 
 def dq_kernel(entries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
-               mask_ref, q_ids_ref, kv_ids_ref, dq_ref, acc_ref, *, static):
+              mask_ref, q_ids_ref, kv_ids_ref, dq_ref, acc_ref, *, static):
   b, h, i, j = (pl.program_id(axis) for axis in range(4))
   kv_block, kind, _ = entry(static.fwd, entries_ref, b, h, i, j)
   rows, head_dim = static.rows, acc_ref.shape[-1]
@@ -254,8 +207,8 @@ def dq_kernel(entries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
 
 
 def dkv_kernel(entries_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
-                mask_ref, q_ids_ref, kv_ids_ref, dk_ref, dv_ref, dk_acc_ref,
-                dv_acc_ref, *, static):
+               mask_ref, q_ids_ref, kv_ids_ref, dk_ref, dv_ref, dk_acc_ref,
+               dv_acc_ref, *, static):
   b, h, j, i = (pl.program_id(axis) for axis in range(4))
   q_block, kind, _ = entry(static.dkv, entries_ref, b, h, j, i)
   rows, head_dim = static.rows, dk_acc_ref.shape[-1]

@@ -1,4 +1,5 @@
-"""The merge of one block of weight rows, `W + scale * (B @ A)`, on the CPU.
+"""The row merge: `W + scale * (B @ A)` on blocks of weight rows, in numpy
+on the CPU (host code of the export tool; no Pallas kernel).
 
 The result is bit for bit what the plain numpy expression gives,
 `(w.astype(float32) + float32(scale) * (lora_b @ lora_a)).astype(dtype)`
