@@ -72,7 +72,7 @@ PARTS = ("checks", "model", "memory", "timing")
 
 # Each op takes Tunix's inputs (attention: q, k, v and the `[B, T]` padding
 # mask) and runs three ways: stock (what Tunix 0.1.7 / qwix compute without
-# the patches; attention's is `testing.stock_attention`, as tests/kernels/
+# the patches; attention's is `testing.stock_attention`, as tests/attention/
 # test_attention_tpu_compile.py compiles it), our XLA version, the default.
 def ops_attention(window, implementation):
   """`ops.attention` as the Tunix patch calls it (with the `mask` patch:

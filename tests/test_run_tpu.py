@@ -5,7 +5,7 @@ each.
 - the Pallas kernels (interpret mode) against their references at small
   shapes, and the loss and LoRA ops compiled for an abstract v5e chip at a
   real E2B shape (attention's compiles are the slow ones and are covered by
-  tests/kernels/test_attention_tpu_compile.py);
+  tests/attention/test_attention_tpu_compile.py);
 - a tiny real Tunix Gemma 4 patched against stock (logits, loss, LoRA
   gradients).
 
