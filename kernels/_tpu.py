@@ -3,7 +3,8 @@
 A TPU vector register is 8 sublanes x 128 lanes of 32-bit words; Mosaic
 tiles a block's last two dims by (8, 128) for 32-bit types, (16, 128) for
 16-bit ones and (32, 128) for 8-bit ones. Block shapes that are not
-multiples of these are padded in VMEM or refused.
+multiples of these are padded in VMEM or refused. Hence each kernel's
+`BlockSizes` checks its fields against a multiple (`check_block_sizes`).
 """
 
 from __future__ import annotations

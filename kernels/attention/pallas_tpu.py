@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple
 
 import jax
 from jax.ad_checkpoint import checkpoint_name
@@ -347,7 +346,8 @@ _attention.defvjp(_attention_fwd, _attention_bwd)
 # and which comes from the schedule is the grid's only difference.
 
 
-class _Specs(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class _Specs:
   """The BlockSpecs of one grid."""
   q: pl.BlockSpec  # q, d_out, out, dq: (G, block_q, H)
   kv: pl.BlockSpec  # k, v, dk, dv: (block_kv, H)
@@ -375,8 +375,8 @@ def _grid_specs(static, head_dim, *, rows):
     return block
 
   def mask_blocks(b, h, row, step, entries_ref):
-    """(q block, kv block) of the mask tile: a skipped step repeats the last
-    fetched one (`block_mask`)."""
+    """(q block, kv block) of the resident mask tile: the step's own for a
+    PARTIAL entry, the last PARTIAL one's otherwise (`block_mask`)."""
     _, _, mask_block = kernel.entry(layout, entries_ref, b, h, row, step)
     return (row, mask_block) if rows == "q" else (mask_block, row)
 

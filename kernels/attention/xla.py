@@ -51,11 +51,7 @@ class BlockSizes:
   block_kv: int = DEFAULT_BLOCK_KV
 
   def __post_init__(self):
-    for name in ("block_q", "block_kv"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"BlockSizes.{name} must be a positive int, got "
-                         f"{value!r}")
+    _tpu.check_block_sizes(self, block_q=1, block_kv=1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -81,11 +81,7 @@ class BlockSizes:
   tn: int = 1024
 
   def __post_init__(self):
-    for name in ("tm", "tk", "tn"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < NUM_LANES or value % NUM_LANES:
-        raise ValueError(f"BlockSizes.{name} must be a positive multiple of "
-                         f"{NUM_LANES}, got {value!r}")
+    _tpu.check_block_sizes(self, tm=NUM_LANES, tk=NUM_LANES, tn=NUM_LANES)
 
   @classmethod
   def get_default(cls) -> BlockSizes:

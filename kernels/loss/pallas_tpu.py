@@ -157,20 +157,21 @@ def _pallas_call(body, h, e, rows, *, tn, tv, vocab, softcap, out_shape,
     The pallas_call's output(s).
   """
   num_tokens, dim = h.shape
-  grid = (num_tokens // tn, e.shape[0] // tv)
+  token_blocks, vocab_blocks = num_tokens // tn, e.shape[0] // tv
+  # The inner operand is read once per outer block.
+  if vocab_outer:
+    grid = (vocab_blocks, token_blocks)
+    passes = dict(passes_over_vocab=1, passes_over_tokens=vocab_blocks)
+  else:
+    grid = (token_blocks, vocab_blocks)
+    passes = dict(passes_over_vocab=token_blocks, passes_over_tokens=1)
 
-  def at(index_map):  # index maps are written over (i, j)
+  def at(index_map):  # the maps below are written over (i, j)
     return (lambda j, i: index_map(i, j)) if vocab_outer else index_map
 
   blocks = {"hidden": pl.BlockSpec((tn, dim), at(lambda i, j: (i, 0))),
             "embedding": pl.BlockSpec((tv, dim), at(lambda i, j: (j, 0))),
             "row": pl.BlockSpec((1, tn), at(lambda i, j: (0, i)))}
-  # The inner operand is read once per outer block.
-  if vocab_outer:
-    grid = grid[::-1]
-    passes = dict(passes_over_vocab=1, passes_over_tokens=grid[0])
-  else:
-    passes = dict(passes_over_vocab=grid[0], passes_over_tokens=1)
   return pl.pallas_call(
       functools.partial(body, block_vocab=tv, vocab=vocab, softcap=softcap),
       grid=grid,
