@@ -86,7 +86,7 @@ def attention(q, k, v, *, mask=None, segment_ids=None, causal=True,
                         causal=causal, sliding_window=sliding_window,
                         softcap=softcap, scale=scale)
   name = implementations.resolve("attention", implementation,
-                                 tuple(_ATTENTION), interpret=interpret)
+                                 IMPLEMENTATIONS, interpret=interpret)
   if validation.has_empty_dim(q.shape, k.shape):
     # Every kernel tiles T and S and the default scale is H ** -0.5.
     return jnp.zeros(q.shape, q.dtype)

@@ -16,12 +16,6 @@ from gemma4_jax.kernels.loss import vjp as loss_vjp
 from gemma4_jax.kernels.loss import xla as loss_xla
 from gemma4_jax.reference import loss as loss_reference
 
-IMPLEMENTATIONS = (implementations.PALLAS_TPU, implementations.XLA,
-                   implementations.REFERENCE)
-# Pallas on TPU: it needs no more HBM than the XLA version compiled for v5e
-# (README's "TPU defaults").
-TPU_DEFAULT = implementations.PALLAS_TPU
-
 
 def softcapped_cross_entropy(hidden, embedding, targets, weights, *,
                              softcap=30.0, implementation=None,
@@ -101,9 +95,13 @@ def _streamed(kernels):
 
 
 # Implementation name -> `(hidden, embedding, targets, weights, **static)`.
-_IMPLEMENTATIONS = {implementations.REFERENCE: _reference,
+_IMPLEMENTATIONS = {implementations.PALLAS_TPU: _streamed(loss_pallas),
                     implementations.XLA: _streamed(loss_xla),
-                    implementations.PALLAS_TPU: _streamed(loss_pallas)}
+                    implementations.REFERENCE: _reference}
+IMPLEMENTATIONS = tuple(_IMPLEMENTATIONS)
+# Pallas on TPU: it needs no more HBM than the XLA version compiled for v5e
+# (README's "TPU defaults").
+TPU_DEFAULT = implementations.PALLAS_TPU
 # Implementation name -> the `BlockSizes` class it takes.
 _BLOCK_SIZES = {implementations.PALLAS_TPU: loss_pallas.BlockSizes,
                 implementations.XLA: loss_xla.BlockSizes}
